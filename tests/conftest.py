@@ -1,10 +1,19 @@
-"""Shared pytest wiring: tests under tests/unit are marked `unit`, tests under tests/e2e are marked `e2e`."""
+"""Shared pytest wiring.
+
+Tests under tests/unit are marked `unit`, tests under tests/e2e are marked `e2e`. The session fixture `cluster`
+is the local control plane (`tests/cluster`): started the first time a test asks for it, stopped at session end.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:  # the cluster tooling needs `cryptography`; unit-only runs should not import it
+    from tests.cluster.controlplane import ClusterHandle
 
 TESTS_DIR = Path(__file__).parent
 
@@ -16,3 +25,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.unit)
         elif parts and parts[0] == "e2e":
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[ClusterHandle]:
+    """The local cluster: `.kubeconfig`, `.api_client()`, `.kubectl(*args)`, `.bin_dir`, `.state_dir`.
+
+    Set TELECHAT_CLUSTER_KUBECONFIG to reuse a running cluster instead of starting one.
+    """
+    from tests.cluster.session import session_cluster
+
+    with session_cluster() as handle:
+        yield handle

@@ -1,0 +1,185 @@
+"""Rank pods (one per node, running `telechat2 launch` -> msrun -> `telechat2 finetune`) and the merge pod."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from telechat_operator import constants as c
+from telechat_operator.builders import names
+from telechat_operator.builders.common import metadata
+from telechat_operator.spec import FinetuneSpec
+
+
+def output_subdir(spec: FinetuneSpec, sub: str) -> str:
+    return f"{spec.output_path.rstrip('/')}/{sub}"
+
+
+def merged_checkpoint_path(spec: FinetuneSpec) -> str:
+    """Where `telechat2 merge` writes the full checkpoint (MindSpore's transform layout: rank_0/<prefix>0.ckpt)."""
+    return f"{output_subdir(spec, c.MERGED_DIR)}/rank_0/{spec.merge_prefix}0.ckpt"
+
+
+def rank_command(spec: FinetuneSpec, rank: int, attempt: int) -> list[str]:
+    """The rank's full command line; every attempt after the first resumes from the newest checkpoint."""
+    command = [
+        "telechat2",
+        "launch",
+        "--worker_num",
+        str(spec.world_size),
+        "--local_worker_num",
+        str(spec.devices_per_node),
+        "--node_rank",
+        str(rank),
+        "--master_addr",
+        names.master_address(spec.name, spec.namespace),
+        "--master_port",
+        str(spec.master_port),
+        "--log_dir",
+        output_subdir(spec, c.MSRUN_LOG_DIR),
+        "--cluster_time_out",
+        str(spec.cluster_timeout),
+        "--",
+        "telechat2",
+        "finetune",
+        "--config",
+        c.CONFIG_PATH,
+    ]
+    if attempt > 1:
+        command.append("--resume")
+    return command
+
+
+def merge_command(spec: FinetuneSpec) -> list[str]:
+    """`telechat2 merge`; the strategy files are passed only when the layout split parameters across ranks
+    (with pure data parallelism each rank's checkpoint is already complete and merge checks the copies agree)."""
+    strategy = ["--src_ckpt_strategy", output_subdir(spec, c.STRATEGY_DIR)] if spec.parallel.shards_parameters else []
+    return [
+        "telechat2",
+        "merge",
+        *strategy,
+        "--src_ckpt_dir",
+        output_subdir(spec, c.CHECKPOINT_DIR),
+        "--dst_ckpt_dir",
+        output_subdir(spec, c.MERGED_DIR),
+        "--prefix",
+        spec.merge_prefix,
+    ]
+
+
+def rank_env(spec: FinetuneSpec, rank: int, attempt: int) -> list[dict[str, Any]]:
+    """Model defaults and user env (already merged by name), then the launch contract (reserved names)."""
+    contract = {
+        c.ENV_WORKER_NUM: spec.world_size,
+        c.ENV_LOCAL_WORKER_NUM: spec.devices_per_node,
+        c.ENV_NODE_RANK: rank,
+        c.ENV_MASTER_ADDR: names.master_address(spec.name, spec.namespace),
+        c.ENV_MASTER_PORT: spec.master_port,
+        c.ENV_LOG_DIR: output_subdir(spec, c.MSRUN_LOG_DIR),
+        c.ENV_CLUSTER_TIMEOUT: spec.cluster_timeout,
+        c.ENV_JOB_NAME: spec.name,
+        c.ENV_ATTEMPT: attempt,
+    }
+    return [*(dict(e) for e in spec.env), *({"name": k, "value": str(v)} for k, v in contract.items())]
+
+
+def _ascend_resources(spec: FinetuneSpec) -> dict[str, Any]:
+    npus = str(spec.devices_per_node)
+    requests = {**(spec.resources.get("requests") or {}), c.ASCEND_RESOURCE: npus}
+    limits = {**(spec.resources.get("limits") or {}), c.ASCEND_RESOURCE: npus}
+    return {**spec.resources, "requests": requests, "limits": limits}
+
+
+def _placement(spec: FinetuneSpec) -> dict[str, Any]:
+    """Scheduling fields shared by rank and merge pods (the output volume may only be reachable there)."""
+    fields: dict[str, Any] = {}
+    if spec.node_selector:
+        fields["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        fields["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.affinity:
+        fields["affinity"] = spec.affinity
+    if spec.priority_class_name:
+        fields["priorityClassName"] = spec.priority_class_name
+    if spec.service_account_name:
+        fields["serviceAccountName"] = spec.service_account_name
+    if spec.image_pull_secrets:
+        fields["imagePullSecrets"] = [dict(s) for s in spec.image_pull_secrets]
+    return fields
+
+
+def _container_base(spec: FinetuneSpec, name: str) -> dict[str, Any]:
+    container: dict[str, Any] = {"name": name, "image": spec.image}
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    return container
+
+
+def build_rank_pod(spec: FinetuneSpec, rank: int, attempt: int) -> dict[str, Any]:
+    meta = metadata(
+        spec,
+        names.rank_pod(spec.name, attempt, rank),
+        **{c.LABEL_NODE_RANK: str(rank), c.LABEL_ATTEMPT: str(attempt), c.LABEL_ROLE: c.ROLE_WORKER},
+    )
+    if spec.gang_scheduled:
+        meta["annotations"] = {c.ANNOTATION_VOLCANO_GROUP: names.pod_group(spec.name)}
+
+    volumes: list[dict[str, Any]] = [
+        {"name": c.CONFIG_VOLUME, "configMap": {"name": names.config_map(spec.name)}},
+        {"name": c.SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
+        *({"name": vol, "hostPath": {"path": path, "type": kind}} for vol, path, kind in c.ASCEND_DRIVER_MOUNTS),
+        *(dict(v) for v in spec.volumes),
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": c.CONFIG_VOLUME, "mountPath": c.CONFIG_MOUNT_DIR, "readOnly": True},
+        {"name": c.SHM_VOLUME, "mountPath": c.SHM_MOUNT_PATH},
+        *({"name": vol, "mountPath": path, "readOnly": True} for vol, path, _ in c.ASCEND_DRIVER_MOUNTS),
+        *(dict(m) for m in spec.volume_mounts),
+    ]
+    container = {
+        **_container_base(spec, c.TRAINER_CONTAINER),
+        "command": rank_command(spec, rank, attempt),
+        "env": rank_env(spec, rank, attempt),
+        "ports": [{"name": c.MASTER_PORT_NAME, "containerPort": spec.master_port, "protocol": "TCP"}],
+        "resources": _ascend_resources(spec),
+        "volumeMounts": mounts,
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",  # the operator restarts the whole group, never a single rank
+        "hostname": names.rank_host(spec.name, rank),
+        "subdomain": names.service(spec.name),
+        "enableServiceLinks": False,
+        "containers": [container],
+        "volumes": volumes,
+        **_placement(spec),
+    }
+    if spec.scheduler_name:
+        pod_spec["schedulerName"] = spec.scheduler_name
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def build_merge_pod(spec: FinetuneSpec, merge_attempt: int) -> dict[str, Any]:
+    """CPU only, same image, the user's volumes (the output lives there)."""
+    meta = metadata(
+        spec,
+        names.merge_pod(spec.name, merge_attempt),
+        **{c.LABEL_ATTEMPT: str(merge_attempt), c.LABEL_ROLE: c.ROLE_MERGE},
+    )
+    container = {
+        **_container_base(spec, c.MERGE_CONTAINER),
+        "command": merge_command(spec),
+        "env": [dict(e) for e in spec.env],
+        "volumeMounts": [dict(m) for m in spec.volume_mounts],
+    }
+    if spec.merge_resources:
+        container["resources"] = dict(spec.merge_resources)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "containers": [container],
+        "volumes": [dict(v) for v in spec.volumes],
+        **_placement(spec),
+    }
+    # Not part of the training gang: Volcano's PodGroup counts rank pods only.
+    if spec.scheduler_name and not spec.gang_scheduled:
+        pod_spec["schedulerName"] = spec.scheduler_name
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}

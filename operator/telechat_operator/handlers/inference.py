@@ -1,0 +1,322 @@
+"""TeleChatInference: thin kopf glue. Watch events trigger a keyed reconcile; builders and status are pure.
+
+One pass: read the inference (fresh), parse it, resolve the checkpoint (or wait for its TeleChatFinetune), keep
+the ConfigMap, Service and workload (a Deployment, or groups of pods when a replica spans nodes) in step with the
+spec, then write the status if it changed and post an Event per transition. Every write is idempotent: children
+carry the hash of what they were built from and are written only when it changes; group pods have fixed names.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Hashable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from telechat2.configs import ConfigError
+from telechat_operator import constants as c
+from telechat_operator import inference_constants as ic
+from telechat_operator import inference_k8s as api
+from telechat_operator import k8s, metrics
+from telechat_operator.builders.inference import (
+    build_config_map,
+    build_deployment,
+    build_service,
+    children_selector,
+    config_map_data,
+    deployment_name,
+    endpoint,
+    selector_string,
+    serving_selector,
+    stable_hash,
+)
+from telechat_operator.builders.inference_groups import (
+    GroupPod,
+    build_group_pod,
+    build_group_service,
+    group_template_hash,
+    plan_groups,
+)
+from telechat_operator.inference_spec import InferenceSpec, ResolvedCheckpoint, parse_inference, resolve_path_checkpoint
+from telechat_operator.inference_status import (
+    Gate,
+    WorkloadView,
+    compute_status,
+    deployment_view,
+    finetune_of,
+    invalid_spec_status,
+    resolve_finetune_checkpoint,
+    transition_events,
+)
+from telechat_operator.settings import OperatorConfig
+from telechat_operator.spec import SpecError
+from telechat_operator.status import Event
+from telechat_operator.workqueue import WorkQueue
+
+logger = logging.getLogger(__name__)
+KIND = ic.INFERENCE_KIND
+# While pods terminate (a group being recreated), look again this soon even if no event comes.
+TEARDOWN_POLL_SECONDS = 2.0
+
+config = OperatorConfig.from_env()
+states = metrics.StateTracker(KIND)
+# (namespace, finetune name) -> inferences serving it: a finetune event re-reconciles exactly those.
+waiting_on: dict[tuple[str, str], set[str]] = {}
+_finetune_by_inference: dict[tuple[str, str], tuple[str, str]] = {}
+_routing_lock = threading.Lock()  # written from the event loop and from reconcile threads
+
+
+def remember_finetune(namespace: str, name: str, finetune: str | None) -> None:
+    key = (namespace, name)
+    with _routing_lock:
+        previous = _finetune_by_inference.pop(key, None)
+        if previous is not None:
+            waiting_on.get(previous, set()).discard(name)
+        if finetune:
+            _finetune_by_inference[key] = (namespace, finetune)
+            waiting_on.setdefault((namespace, finetune), set()).add(name)
+
+
+def inferences_serving(namespace: str, finetune: str) -> list[str]:
+    with _routing_lock:
+        return sorted(waiting_on.get((namespace, finetune), ()))
+
+
+def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge-patch turning `old` into `new` at the top level of status (removed keys become null)."""
+    patch: dict[str, Any] = {key: value for key, value in new.items() if old.get(key) != value}
+    patch.update({key: None for key in old if key not in new})
+    return patch
+
+
+def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def _hash_of(obj: Mapping[str, Any] | None) -> str | None:
+    return ((obj or {}).get("metadata") or {}).get("annotations", {}).get(ic.ANNOTATION_SPEC_HASH)
+
+
+class Stale(Exception):
+    """A child of the same name left by a deleted inference: deleted now, created on the next pass."""
+
+
+def ensure(spec: InferenceSpec, desired: dict[str, Any]) -> dict[str, Any]:
+    """Apply `desired` unless the live object already carries its hash (no write when nothing changed)."""
+    meta = desired["metadata"]
+    live = api.get_child(desired["kind"], meta["namespace"], meta["name"])
+    if live is not None and not owned_by(live, spec.uid):
+        labels = (live.get("metadata") or {}).get("labels") or {}
+        if labels.get(c.LABEL_OWNER_KIND) != ic.INFERENCE_KIND:
+            # Someone else's object: never touch it, tell the user instead.
+            raise SpecError("metadata.name", f"{desired['kind']} {meta['name']} already exists and is not ours")
+        api.delete_child(desired["kind"], meta["namespace"], meta["name"])
+        raise Stale(f"{desired['kind']} {meta['name']} belonged to an older object of the same name")
+    drifted = (
+        desired["kind"] == "Deployment"
+        and live is not None
+        and ((live.get("spec") or {}).get("replicas") != desired["spec"]["replicas"])
+    )
+    if live is None or drifted or _hash_of(live) != _hash_of(desired):
+        return api.apply(desired)
+    return live
+
+
+def resolve_checkpoint(spec: InferenceSpec) -> ResolvedCheckpoint | Gate:
+    if spec.checkpoint_path is not None:
+        return resolve_path_checkpoint(spec)
+    assert spec.from_finetune is not None
+    return resolve_finetune_checkpoint(spec, k8s.get_finetune(spec.namespace, spec.from_finetune))
+
+
+def reconcile_deployment(spec: InferenceSpec, checkpoint: ResolvedCheckpoint, config_hash: str) -> WorkloadView:
+    _remove_groups(spec)
+    deployment = ensure(spec, build_deployment(spec, checkpoint, config_hash))
+    return deployment_view(deployment, spec.replicas)
+
+
+def _group_children(kind: str, spec: InferenceSpec) -> list[dict[str, Any]]:
+    selector = selector_string(children_selector(spec.name)) + f",{ic.LABEL_GROUP_INDEX}"
+    return [obj for obj in api.list_children(kind, spec.namespace, selector) if owned_by(obj, spec.uid)]
+
+
+def _remove_groups(spec: InferenceSpec) -> None:
+    """Switching from multi-node to single-node replicas: drop the groups and their Services."""
+    for pod in _group_children("Pod", spec):
+        if not pod["metadata"].get("deletionTimestamp"):
+            k8s.delete_pod(spec.namespace, pod["metadata"]["name"])
+    for service in _group_children("Service", spec):
+        api.delete_child("Service", spec.namespace, service["metadata"]["name"])
+
+
+def reconcile_groups(
+    spec: InferenceSpec, checkpoint: ResolvedCheckpoint, config_hash: str, events: list[Event]
+) -> tuple[WorkloadView, int, bool]:
+    """Multi-node replicas: returns the counts, the groups recreated after a failure, and whether pods terminate."""
+    deployment = api.get_child("Deployment", spec.namespace, deployment_name(spec.name))
+    if deployment is not None and owned_by(deployment, spec.uid):
+        api.delete_child("Deployment", spec.namespace, deployment_name(spec.name))  # was single-node until now
+    template_hash = group_template_hash(spec, checkpoint, config_hash)
+    pods = [GroupPod.from_body(pod) for pod in _group_children("Pod", spec)]
+    plan = plan_groups(spec, pods, template_hash)
+
+    services = {int(s["metadata"]["labels"][ic.LABEL_GROUP_INDEX]): s for s in _group_children("Service", spec)}
+    for group, service in services.items():
+        if group >= spec.replicas:
+            api.delete_child("Service", spec.namespace, service["metadata"]["name"])
+    for group in range(spec.replicas):
+        if group not in services:
+            k8s.create(build_group_service(spec, group))
+
+    for name in plan.delete:
+        k8s.delete_pod(spec.namespace, name)
+    bodies = [build_group_pod(spec, checkpoint, group, rank, config_hash) for group, rank in plan.create]
+    if len(bodies) > 1:
+        with ThreadPoolExecutor(max_workers=min(config.create_workers, len(bodies))) as pool:
+            list(pool.map(k8s.create, bodies))  # list() re-raises the first failure
+    elif bodies:
+        k8s.create(bodies[0])
+
+    for group in plan.recreated:
+        message = next((m for m in plan.messages if m.startswith(f"group {group}:")), f"group {group} recreated")
+        events.append(Event("Warning", "GroupRecreated", message))
+    for group in plan.rolled:
+        events.append(Event("Normal", "GroupRolled", f"group {group}: recreating it with the current spec"))
+    workload = WorkloadView(
+        desired=spec.replicas,
+        replicas=plan.replicas,
+        ready=plan.ready,
+        updated=plan.updated,
+        recreating=bool(plan.restarting),
+        message="; ".join(plan.messages),
+    )
+    terminating = bool(plan.delete) or any(pod.deleting for pod in pods)
+    return workload, len(plan.recreated), terminating
+
+
+def reconcile_inference(key: Hashable) -> float | None:
+    namespace, name = key  # type: ignore[misc]
+    with metrics.RECONCILE_SECONDS.labels(kind=KIND).time():
+        body = api.get_inference(namespace, name)
+        if body is None:
+            states.observe(key, None)
+            remember_finetune(namespace, name, None)
+            return None
+        remember_finetune(namespace, name, finetune_of(body))
+        old = body.get("status") or {}
+        generation = int(body["metadata"].get("generation", 1))
+        selector = selector_string({ic.LABEL_INFERENCE_NAME: name, ic.LABEL_SERVING: "true"})
+        now = datetime.now(UTC)
+        events: list[Event] = []
+        requeue: float | None = config.resync_seconds
+        try:
+            spec = parse_inference(body)
+            new, restarts, terminating = _reconcile_spec(spec, old, now, events)
+        except Stale as err:
+            logger.info("%s/%s: %s", namespace, name, err)
+            return 1.0
+        except (SpecError, ConfigError, k8s.ApiError) as err:
+            if isinstance(err, k8s.ApiError) and err.status not in (400, 422):
+                raise  # transient: the work queue retries with backoff
+            new = invalid_spec_status(old, generation=generation, now=now, selector=selector, error=_why_invalid(err))
+            restarts, terminating = 0, False
+        if terminating:
+            requeue = TEARDOWN_POLL_SECONDS
+        patch = status_patch(old, new)
+        if patch:
+            api.patch_inference_status(namespace, name, patch)
+        if restarts:
+            metrics.RESTARTS.labels(kind=KIND).inc(restarts)
+        for event in [*transition_events(old, new), *events]:
+            api.post_event(body, event.type, event.reason, event.message)
+        states.observe(key, _state(new))
+    return requeue
+
+
+def _reconcile_spec(
+    spec: InferenceSpec, old: Mapping[str, Any], now: datetime, events: list[Event]
+) -> tuple[dict[str, Any], int, bool]:
+    selector = selector_string(serving_selector(spec))
+    resolved = resolve_checkpoint(spec)
+    if isinstance(resolved, Gate):
+        # Nothing to serve yet (or ever, for a failed finetune): no pods; running ones, if any, keep serving.
+        status = compute_status(old, generation=spec.generation, now=now, selector=selector, gate=resolved)
+        return status, 0, False
+    data = config_map_data(spec, resolved)
+    config_hash = stable_hash(data)
+    ensure(spec, build_config_map(spec, data))
+    ensure(spec, build_service(spec))
+    restarts, terminating = 0, False
+    if spec.multi_node:
+        workload, restarts, terminating = reconcile_groups(spec, resolved, config_hash, events)
+    else:
+        workload = reconcile_deployment(spec, resolved, config_hash)
+    status = compute_status(
+        old,
+        generation=spec.generation,
+        now=now,
+        selector=selector,
+        endpoint=endpoint(spec),
+        checkpoint=resolved.path,
+        workload=workload,
+        group_restarts=restarts,
+    )
+    return status, restarts, terminating
+
+
+def _why_invalid(err: Exception) -> str:
+    """InvalidSpec message: the field for a SpecError, the config for telechat2, the child for an apiserver 4xx."""
+    if isinstance(err, ConfigError):
+        return f"spec: telechat2 cannot render the predict config: {err}"
+    if isinstance(err, k8s.ApiError):
+        return f"spec: the apiserver rejected a child built from it: {err.message}"  # a malformed volume, say
+    return str(err)
+
+
+def _state(status: Mapping[str, Any]) -> str:
+    """One word for the metrics gauge: Ready, or the reason it is not."""
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == ic.COND_READY:
+            return "Ready" if cond.get("status") == "True" else str(cond.get("reason") or "NotReady")
+    return "Unknown"
+
+
+queue = WorkQueue(KIND, reconcile_inference, workers=config.reconcile_workers)
+
+
+@kopf.on.startup()
+def watch_only_our_deployments(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Server-side filter: the Deployment watch sees only Deployments this operator created."""
+    settings.watching.label_selectors["apps", "deployments"] = f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY_VALUE}"
+
+
+@kopf.on.event(c.GROUP, c.VERSION, ic.INFERENCE_PLURAL)
+async def inference_changed(type: str | None, body: Mapping[str, Any], name: str, namespace: str, **_: Any) -> None:
+    if type == "DELETED":
+        queue.forget((namespace, name))
+        states.observe((namespace, name), None)
+        remember_finetune(namespace, name, None)
+        return
+    remember_finetune(namespace, name, finetune_of(body))
+    queue.trigger((namespace, name))
+
+
+@kopf.on.event("v1", "pods", labels={c.LABEL_OWNER_KIND: KIND, ic.LABEL_INFERENCE_NAME: kopf.PRESENT})
+async def inference_pod_changed(labels: Mapping[str, str], namespace: str, **_: Any) -> None:
+    queue.trigger((namespace, labels[ic.LABEL_INFERENCE_NAME]))
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={c.LABEL_OWNER_KIND: KIND, ic.LABEL_INFERENCE_NAME: kopf.PRESENT})
+async def inference_deployment_changed(labels: Mapping[str, str], namespace: str, **_: Any) -> None:
+    queue.trigger((namespace, labels[ic.LABEL_INFERENCE_NAME]))
+
+
+@kopf.on.event(c.GROUP, c.VERSION, c.FINETUNE_PLURAL)
+async def finetune_changed_for_inference(name: str, namespace: str, **_: Any) -> None:
+    """A finetune moved: the inferences waiting for (or serving) its checkpoint look again."""
+    for inference in inferences_serving(namespace, name):
+        queue.trigger((namespace, inference))

@@ -1,0 +1,297 @@
+"""Typed view of a TeleChatInference: parse the (apiserver-defaulted) body, fill model defaults, validate.
+
+Pure: no API calls. The apiserver enforces the CRD schema and CEL rules; this module fills what depends on the
+model (devices per replica, sequence lengths from `telechat2.configs`) and re-checks what CEL cannot know.
+Errors are `SpecError`s naming the field, like the finetune's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from telechat_operator import constants as c
+from telechat_operator import inference_constants as ic
+from telechat_operator.spec import SpecError, validate_name
+
+BACKEND_TELECHAT2 = "telechat2"
+BACKEND_MINDIE = "mindie"
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+# Checkpoint files end like this; anything else is taken as a directory (the tokenizer default depends on it).
+CHECKPOINT_FILE_SUFFIXES = (".ckpt", ".safetensors")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingDefaults:
+    """What serving needs from `telechat2.configs.model_defaults(model)`."""
+
+    predict_devices: int  # NPUs the model's predict layout uses on one node
+    seq_length: int  # the trained sequence length (dynamic NTK starts past it)
+    env: Mapping[str, str]
+
+
+ServingDefaultsLookup = Callable[[str], ServingDefaults]
+
+
+def load_serving_defaults(model: str) -> ServingDefaults:
+    """Read a model's serving defaults from the bundled configs (lazy import: pure Python, no MindSpore)."""
+    from telechat2 import configs
+
+    if model not in configs.list_models():
+        raise SpecError("spec.model", f"unknown model {model!r}; known: {', '.join(configs.list_models())}")
+    raw = configs.model_defaults(model)
+    return ServingDefaults(
+        predict_devices=int(raw.predict_devices),
+        seq_length=int(raw.seq_length),
+        env={str(k): str(v) for k, v in (raw.env or {}).items()},
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceSpec:
+    """Everything the serving builders need, resolved: no optional field left for a builder to default."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    model: str
+    image: str
+    image_pull_policy: str | None
+    checkpoint_path: str | None  # exactly one of checkpoint_path and from_finetune is set
+    from_finetune: str | None
+    vocab_file: str | None  # None: tokenizer.model beside the checkpoint (resolved with the checkpoint)
+    replicas: int
+    devices_per_replica: int  # NPUs per pod
+    nodes_per_replica: int
+    max_seq_len: int
+    max_input_token_len: int
+    npu_mem_size: int
+    seq_length: int  # seq_length of the rendered predict config
+    trained_seq_length: int  # the model's trained length; seq_length past it turns on dynamic NTK
+    port: int
+    service_type: str
+    service_annotations: dict[str, str]
+    api_key_secret_name: str | None
+    api_key_secret_key: str
+    backend: str
+    env: tuple[dict[str, Any], ...]  # EnvVar dicts: model defaults, then the user's by name
+    volumes: tuple[dict[str, Any], ...]
+    volume_mounts: tuple[dict[str, Any], ...]
+    resources: dict[str, Any]
+    node_selector: dict[str, str]
+    tolerations: tuple[dict[str, Any], ...]
+    affinity: dict[str, Any] | None
+    priority_class_name: str | None
+
+    @property
+    def multi_node(self) -> bool:
+        """More than one node per replica: groups of pods instead of a Deployment."""
+        return self.nodes_per_replica > 1
+
+    @property
+    def world_size(self) -> int:
+        """NPUs (msrun workers) per replica."""
+        return self.devices_per_replica * self.nodes_per_replica
+
+    @property
+    def long_context(self) -> bool:
+        """Serving past the trained length: the predict config turns on dynamic NTK."""
+        return self.seq_length > self.trained_seq_length
+
+    def owner_reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": c.API_VERSION,
+            "kind": ic.INFERENCE_KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """The checkpoint the pods serve, once known, with any volume needed to reach it."""
+
+    path: str
+    vocab_file: str
+    volumes: tuple[dict[str, Any], ...] = ()
+    volume_mounts: tuple[dict[str, Any], ...] = ()
+    from_finetune: str | None = None
+
+
+def default_vocab_file(checkpoint_path: str) -> str:
+    """tokenizer.model in the checkpoint's directory (the path itself when it is a directory)."""
+    path = checkpoint_path.rstrip("/") or "/"
+    directory = posixpath.dirname(path) if path.endswith(CHECKPOINT_FILE_SUFFIXES) else path
+    return posixpath.join(directory, "tokenizer.model")
+
+
+def checkpoint_directory(checkpoint_path: str) -> str:
+    """The directory holding the weights (MindIE's modelWeightPath)."""
+    path = checkpoint_path.rstrip("/") or "/"
+    return posixpath.dirname(path) if path.endswith(CHECKPOINT_FILE_SUFFIXES) else path
+
+
+def resolve_path_checkpoint(spec: InferenceSpec) -> ResolvedCheckpoint:
+    """spec.checkpoint.path: reachable through the user's own volumes, nothing to add."""
+    assert spec.checkpoint_path is not None
+    return ResolvedCheckpoint(
+        path=spec.checkpoint_path, vocab_file=spec.vocab_file or default_vocab_file(spec.checkpoint_path)
+    )
+
+
+def merge_env(defaults: Mapping[str, str], user: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+    """Model defaults first, user entries override by name (upsert, never a duplicate name)."""
+    merged: dict[str, dict[str, Any]] = {name: {"name": name, "value": str(value)} for name, value in defaults.items()}
+    for index, entry in enumerate(user):
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise SpecError(f"spec.env[{index}].name", "is required")
+        if name in ic.INFERENCE_RESERVED_ENV_NAMES:
+            raise SpecError(f"spec.env[{index}].name", f"{name} is reserved (set by the operator or msrun)")
+        merged.pop(name, None)
+        merged[name] = dict(entry)
+    return tuple(merged.values())
+
+
+def _int(value: Any, field: str, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(field, f"must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise SpecError(field, f"must be at least {minimum}, got {value}")
+    return value
+
+
+def _opt_int(value: Any, field: str, *, minimum: int | None = None) -> int | None:
+    return None if value is None else _int(value, field, minimum=minimum)
+
+
+def _str(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SpecError(field, "must be a non-empty string")
+    return value
+
+
+def _validate_name(name: str) -> None:
+    validate_name(name, 1)
+    if len(name) > ic.MAX_INFERENCE_NAME:
+        raise SpecError(
+            "metadata.name",
+            f"must be at most {ic.MAX_INFERENCE_NAME} characters (group pod host names must fit 63), got {len(name)}",
+        )
+
+
+def _checkpoint(raw: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    path = raw.get("path") or None
+    finetune = raw.get("fromFinetune") or None
+    if (path is None) == (finetune is None):
+        raise SpecError("spec.checkpoint", "set exactly one of path or fromFinetune")
+    if path is not None and not str(path).startswith("/"):
+        raise SpecError("spec.checkpoint.path", f"must be an absolute path, got {path!r}")
+    return path, finetune
+
+
+def _volumes(spec: Mapping[str, Any]) -> tuple[tuple[dict[str, Any], ...], tuple[dict[str, Any], ...]]:
+    volumes = tuple(dict(v) for v in spec.get("volumes") or ())
+    names = set()
+    for index, volume in enumerate(volumes):
+        name = volume.get("name")
+        if name in ic.RESERVED_VOLUME_NAMES:
+            raise SpecError(f"spec.volumes[{index}].name", f"{name} is reserved (added by the operator)")
+        names.add(name)
+    mounts = tuple(dict(m) for m in spec.get("volumeMounts") or ())
+    for index, mount in enumerate(mounts):
+        if mount.get("name") not in names:
+            raise SpecError(
+                f"spec.volumeMounts[{index}].name", f"no volume named {mount.get('name')!r} in spec.volumes"
+            )
+    return volumes, mounts
+
+
+def parse_inference(body: Mapping[str, Any], lookup: ServingDefaultsLookup = load_serving_defaults) -> InferenceSpec:
+    """Resolve a TeleChatInference body into an InferenceSpec, or raise SpecError naming the field."""
+    meta = body.get("metadata") or {}
+    spec = body.get("spec") or {}
+    name = _str(meta.get("name"), "metadata.name")
+    _validate_name(name)
+    model = _str(spec.get("model"), "spec.model")
+    defaults = lookup(model)
+
+    devices = _int(spec.get("devicesPerReplica", defaults.predict_devices), "spec.devicesPerReplica")
+    if devices not in c.ALLOWED_DEVICES_PER_NODE:
+        raise SpecError("spec.devicesPerReplica", f"must be one of {list(c.ALLOWED_DEVICES_PER_NODE)}, got {devices}")
+    nodes = _int(spec.get("nodesPerReplica", 1), "spec.nodesPerReplica", minimum=1)
+
+    seq_length = _opt_int(spec.get("seqLength"), "spec.seqLength", minimum=16) or defaults.seq_length
+    max_seq_len = _opt_int(spec.get("maxSeqLen"), "spec.maxSeqLen", minimum=2) or seq_length
+    if max_seq_len > seq_length:
+        field = "spec.seqLength" if "seqLength" in spec else f"the model's trained length ({seq_length})"
+        raise SpecError("spec.maxSeqLen", f"{max_seq_len} must not exceed {field}: set spec.seqLength to serve longer")
+    max_input = _opt_int(spec.get("maxInputTokenLen"), "spec.maxInputTokenLen", minimum=1) or max(
+        1, int(max_seq_len * ic.DEFAULT_INPUT_FRACTION)
+    )
+    if max_input >= max_seq_len:
+        raise SpecError("spec.maxInputTokenLen", f"{max_input} must be less than spec.maxSeqLen ({max_seq_len})")
+
+    backend = spec.get("backend", BACKEND_TELECHAT2)
+    if backend not in (BACKEND_TELECHAT2, BACKEND_MINDIE):
+        raise SpecError("spec.backend", f"must be {BACKEND_TELECHAT2} or {BACKEND_MINDIE}, got {backend!r}")
+    if backend == BACKEND_MINDIE and nodes > 1:
+        raise SpecError("spec.nodesPerReplica", "must be 1 with backend mindie")
+
+    service = spec.get("service") or {}
+    service_type = service.get("type", "ClusterIP")
+    if service_type not in SERVICE_TYPES:
+        raise SpecError("spec.service.type", f"must be one of {list(SERVICE_TYPES)}, got {service_type!r}")
+    port = _int(spec.get("port", ic.DEFAULT_PORT), "spec.port", minimum=1)
+    if nodes > 1 and port == ic.GROUP_MASTER_PORT:
+        raise SpecError("spec.port", f"{port} is msrun's master port in multi-node groups; choose another")
+
+    api_key = spec.get("apiKeySecretRef") or {}
+    resources = dict(spec.get("resources") or {})
+    for section in ("requests", "limits"):
+        if c.ASCEND_RESOURCE in (resources.get(section) or {}):
+            raise SpecError(
+                f"spec.resources.{section}", f"must not set {c.ASCEND_RESOURCE}; use spec.devicesPerReplica"
+            )
+    checkpoint_path, from_finetune = _checkpoint(spec.get("checkpoint") or {})
+    volumes, mounts = _volumes(spec)
+
+    return InferenceSpec(
+        name=name,
+        namespace=_str(meta.get("namespace"), "metadata.namespace"),
+        uid=str(meta.get("uid", "")),
+        generation=int(meta.get("generation", 1)),
+        model=model,
+        image=_str(spec.get("image"), "spec.image"),
+        image_pull_policy=spec.get("imagePullPolicy") or None,
+        checkpoint_path=checkpoint_path,
+        from_finetune=from_finetune,
+        vocab_file=spec.get("vocabFile") or None,
+        replicas=_int(spec.get("replicas", 1), "spec.replicas", minimum=0),
+        devices_per_replica=devices,
+        nodes_per_replica=nodes,
+        max_seq_len=max_seq_len,
+        max_input_token_len=max_input,
+        npu_mem_size=_int(spec.get("npuMemSize", 8), "spec.npuMemSize", minimum=-1),
+        seq_length=seq_length,
+        trained_seq_length=defaults.seq_length,
+        port=port,
+        service_type=service_type,
+        service_annotations={str(k): str(v) for k, v in (service.get("annotations") or {}).items()},
+        api_key_secret_name=api_key.get("name") or None,
+        api_key_secret_key=api_key.get("key") or "api-key",
+        backend=backend,
+        env=merge_env(defaults.env, list(spec.get("env") or [])),
+        volumes=volumes,
+        volume_mounts=mounts,
+        resources=resources,
+        node_selector={str(k): str(v) for k, v in (spec.get("nodeSelector") or {}).items()},
+        tolerations=tuple(dict(t) for t in spec.get("tolerations") or ()),
+        affinity=spec.get("affinity") or None,
+        priority_class_name=spec.get("priorityClassName") or None,
+    )

@@ -1,0 +1,179 @@
+"""The only module that talks to the Kubernetes API (kopf's own watches aside).
+
+Plain JSON over the `kubernetes` client's configured connection (auth, TLS, proxies from kubeconfig or the
+in-cluster service account), without its model classes: the operator works on dicts end to end, and skipping
+model deserialization keeps a 64-pod list cheap. Writes are idempotent: create treats 409 as done, delete treats
+404 as done. Every request is counted in `telechat_operator_api_requests_total`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from telechat_operator import constants as c
+from telechat_operator import metrics
+
+_client_lock = threading.Lock()
+_client: kubernetes.client.ApiClient | None = None
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class ApiError(RuntimeError):
+    """A request the API refused; `status` is the HTTP code (422 for a body the apiserver rejects)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+def api_client() -> kubernetes.client.ApiClient:
+    """One shared client, configured from the pod's service account or else the kubeconfig."""
+    global _client
+    with _client_lock:
+        if _client is None:
+            try:
+                kubernetes.config.load_incluster_config()
+            except kubernetes.config.ConfigException:
+                kubernetes.config.load_kube_config()
+            configuration = kubernetes.client.Configuration.get_default_copy()
+            configuration.connection_pool_maxsize = 32
+            _client = kubernetes.client.ApiClient(configuration)
+        return _client
+
+
+def _request(
+    method: str,
+    path: str,
+    resource: str,
+    body: Any = None,
+    query: Mapping[str, str] | None = None,
+    content_type: str = "application/json",
+) -> Any:
+    client = api_client()
+    url = client.configuration.host + path + (f"?{urlencode(query)}" if query else "")
+    headers = {"Accept": "application/json", "Content-Type": content_type}
+    client.update_params_for_auth(headers, None, ["BearerToken"])
+    metrics.API_REQUESTS.labels(verb=method, resource=resource).inc()
+    try:
+        response = client.rest_client.request(
+            method, url, headers=headers, body=body, _preload_content=False, _request_timeout=(10, 30)
+        )
+    except ApiException as err:
+        raise ApiError(err.status or 0, _message(err.body)) from None
+    return json.loads(response.data) if response.data else None
+
+
+def _message(raw: Any) -> str:
+    try:
+        return json.loads(raw).get("message", str(raw))
+    except (TypeError, ValueError, AttributeError):
+        return str(raw)
+
+
+def _collection(api_version: str, namespace: str, plural: str) -> str:
+    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    return f"{prefix}/namespaces/{quote(namespace)}/{plural}"
+
+
+_PLURALS = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps", "Event": "events", "PodGroup": "podgroups"}
+
+
+def _plural(body: Mapping[str, Any]) -> str:
+    return _PLURALS[body["kind"]]
+
+
+# --- the custom resource -------------------------------------------------------------------------------------
+
+
+def get_finetune(namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        return _request("GET", f"{_collection(c.API_VERSION, namespace, c.FINETUNE_PLURAL)}/{name}", c.FINETUNE_PLURAL)
+    except ApiError as err:
+        if err.status == 404:
+            return None
+        raise
+
+
+def patch_finetune_status(namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+    """Merge-patch the status subresource only: the operator never writes spec."""
+    path = f"{_collection(c.API_VERSION, namespace, c.FINETUNE_PLURAL)}/{name}/status"
+    _request("PATCH", path, c.FINETUNE_PLURAL, body={"status": patch}, content_type=MERGE_PATCH)
+
+
+# --- children ------------------------------------------------------------------------------------------------
+
+
+def list_pods(namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+    selector = ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+    result = _request("GET", _collection("v1", namespace, "pods"), "pods", query={"labelSelector": selector})
+    return list(result.get("items") or [])
+
+
+def create(body: Mapping[str, Any]) -> bool:
+    """Create a namespaced object; False if it already existed (409), which is success for a reconciler."""
+    meta = body["metadata"]
+    try:
+        _request("POST", _collection(body["apiVersion"], meta["namespace"], _plural(body)), _plural(body), body=body)
+        return True
+    except ApiError as err:
+        if err.status == 409:
+            return False
+        raise
+
+
+def create_or_patch(body: Mapping[str, Any], patch: Mapping[str, Any]) -> None:
+    """Create, or merge-patch `patch` into the existing object (keeps a ConfigMap in step with the spec)."""
+    if not create(body):
+        meta = body["metadata"]
+        path = f"{_collection(body['apiVersion'], meta['namespace'], _plural(body))}/{meta['name']}"
+        _request("PATCH", path, _plural(body), body=patch, content_type=MERGE_PATCH)
+
+
+def delete_pod(namespace: str, name: str) -> None:
+    try:
+        _request(
+            "DELETE", f"{_collection('v1', namespace, 'pods')}/{name}", "pods", body={"propagationPolicy": "Background"}
+        )
+    except ApiError as err:
+        if err.status != 404:
+            raise
+
+
+def post_event(job: Mapping[str, Any], event_type: str, reason: str, message: str) -> None:
+    """A core/v1 Event on the job, so `kubectl describe tcft` tells the story."""
+    meta = job["metadata"]
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": c.API_VERSION,
+            "kind": c.FINETUNE_KIND,
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"),
+        },
+        "type": event_type,
+        "reason": reason,
+        "message": message[:1024],
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+        "source": {"component": c.OPERATOR_NAME},
+        "reportingComponent": c.OPERATOR_NAME,
+        "reportingInstance": c.OPERATOR_NAME,
+    }
+    create(body)

@@ -1,0 +1,79 @@
+"""Operator configuration: tunables read once from the environment, and the kopf settings derived from them."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+
+import kopf
+
+from telechat_operator import constants as c
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
+    if value < 0:
+        raise ValueError(f"environment variable {name}={raw!r} must not be negative")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorConfig:
+    # Exponential backoff between attempts: base * 2^(restarts-1), capped (tests use a base of ~1s).
+    backoff_base_seconds: float = 10.0
+    backoff_max_seconds: float = 300.0
+    # Every job is reconciled at least this often even without events (a safety net for missed watch events).
+    resync_seconds: float = 300.0
+    # Concurrent reconcile passes across all jobs, and concurrent pod creations within one pass.
+    reconcile_workers: int = 8
+    create_workers: int = 16
+    # Watch stream timeouts: without them a silently dropped connection stalls the operator forever.
+    watch_server_timeout: float = 300.0
+    watch_client_timeout: float = 330.0
+    watch_connect_timeout: float = 10.0
+    request_timeout: float = 60.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
+        env = os.environ if env is None else env
+        prefix = "TELECHAT_OPERATOR_"
+        defaults = cls()
+        values = {
+            field.name: _float(env, prefix + field.name.upper(), getattr(defaults, field.name))
+            for field in dataclasses.fields(cls)
+        }
+        for name in ("reconcile_workers", "create_workers"):
+            values[name] = max(1, int(values[name]))
+        return cls(**values)
+
+
+def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig, *, peering: str | None) -> None:
+    """Apply the operator's choices to kopf's settings (called from the startup handler)."""
+    settings.watching.server_timeout = int(config.watch_server_timeout)  # the API takes whole seconds
+    settings.watching.client_timeout = config.watch_client_timeout
+    settings.watching.connect_timeout = config.watch_connect_timeout
+    settings.networking.request_timeout = config.request_timeout
+    settings.networking.connect_timeout = config.watch_connect_timeout
+    # Watch only the pods this operator created (server-side filter).
+    settings.watching.label_selectors["v1", "pods"] = f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY_VALUE}"
+    # The reconcilers post their own Events; kopf's per-handler chatter would only cost API requests.
+    settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = c.OPERATOR_NAME
+    # If kopf ever stores state on our objects, keep it in annotations under our domain, never in status.
+    settings.persistence.finalizer = f"{c.GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=c.GROUP)
+    if peering:
+        settings.peering.name = peering
+        settings.peering.mandatory = True
+        settings.peering.standalone = False
+    else:
+        settings.peering.standalone = True

@@ -1,0 +1,499 @@
+"""The job's state machine: (spec, last status, pods, clock) in -> (new status, actions) out.
+
+Pure: no API calls, no clock reads, no randomness, so every decision is a table test. The handler applies a
+`Plan` in a fixed order: write the status first (it records the intent: the attempt number, the restart, the
+failure), then perform the actions, which are all idempotent and derived from that status. A restarted operator
+therefore re-derives the same actions from the stored status and never counts a restart twice or duplicates a pod.
+
+States (`status.state`, the printer column): Pending -> Running -> [Restarting -> Pending -> Running]* ->
+Merging -> Succeeded, or Failed; Suspended from any non-terminal state.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from telechat_operator import constants as c
+from telechat_operator.builders import names
+from telechat_operator.builders.pods import merged_checkpoint_path, output_subdir
+from telechat_operator.spec import FinetuneSpec, SpecError
+
+# How soon to look again while old pods are still terminating (their deletion events usually come first).
+TEARDOWN_POLL_SECONDS = 2.0
+
+
+def to_timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def from_timestamp(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+@dataclasses.dataclass(frozen=True)
+class PodView:
+    """The few facts about a child pod the state machine reads."""
+
+    name: str
+    role: str
+    attempt: int
+    rank: int | None
+    phase: str  # Pending, Running, Succeeded, Failed, Unknown
+    exit_code: int | None = None
+    reason: str | None = None  # pod status.reason (Evicted, ...) or the container's terminated reason
+    deleting: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in ("Succeeded", "Failed")
+
+    @classmethod
+    def from_body(cls, pod: Mapping[str, Any]) -> PodView:
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        status = pod.get("status") or {}
+        exit_code, term_reason = None, None
+        for container in status.get("containerStatuses") or []:
+            terminated = (container.get("state") or {}).get("terminated")
+            if terminated and container.get("name") in (c.TRAINER_CONTAINER, c.MERGE_CONTAINER):
+                exit_code, term_reason = terminated.get("exitCode"), terminated.get("reason")
+        rank = labels.get(c.LABEL_NODE_RANK)
+        return cls(
+            name=meta["name"],
+            role=labels.get(c.LABEL_ROLE, ""),
+            attempt=int(labels.get(c.LABEL_ATTEMPT, "0")),
+            rank=None if rank is None else int(rank),
+            phase=status.get("phase") or "Pending",
+            exit_code=exit_code,
+            reason=status.get("reason") or term_reason,
+            deleting=bool(meta.get("deletionTimestamp")),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Backoff:
+    """Delay before attempt n+1 after the n-th restart: base * 2^(n-1), capped."""
+
+    base_seconds: float = 10.0
+    max_seconds: float = 300.0
+
+    def delay(self, restarts: int) -> float:
+        return min(self.base_seconds * (2 ** max(restarts - 1, 0)), self.max_seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclasses.dataclass
+class Plan:
+    """What to do, in order: write `status` (if changed), delete, create, then post events."""
+
+    status: dict[str, Any]
+    delete_pods: list[str] = dataclasses.field(default_factory=list)
+    create_ranks: list[int] = dataclasses.field(default_factory=list)  # ranks of status.attempt to create
+    create_merge: int | None = None  # merge attempt whose pod to create
+    ensure_children: bool = False  # ConfigMap, Service, PodGroup before the first rank pod
+    events: list[Event] = dataclasses.field(default_factory=list)
+    requeue_after: float | None = None
+
+    def requeue(self, seconds: float) -> None:
+        seconds = max(seconds, 0.5)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    pod: str
+    rank: int | None
+    retryable: bool
+    reason: str  # short CamelCase cause for the condition
+    message: str
+    exit_code: int | None = None
+
+
+def classify_failure(pod: PodView, restart_policy: str) -> Failure | None:
+    """None for a healthy pod; otherwise whether the failure may be retried under the policy."""
+    where = f"rank {pod.rank} pod {pod.name}" if pod.rank is not None else f"pod {pod.name}"
+    if pod.deleting and not pod.finished:
+        failure = Failure(pod.name, pod.rank, True, "PodDeleted", f"{where} was deleted")
+    elif pod.phase == "Unknown":
+        failure = Failure(pod.name, pod.rank, True, "NodeLost", f"{where} lost contact with its node")
+    elif pod.phase != "Failed":
+        return None
+    elif pod.reason in c.RETRYABLE_POD_REASONS:
+        failure = Failure(pod.name, pod.rank, True, pod.reason or "PodFailed", f"{where} failed: {pod.reason}")
+    elif pod.exit_code is None:
+        failure = Failure(pod.name, pod.rank, True, "PodFailed", f"{where} failed without an exit code")
+    else:
+        signal_or_hardware = 128 <= pod.exit_code <= 255
+        failure = Failure(
+            pod.name,
+            pod.rank,
+            signal_or_hardware,
+            f"ExitCode{pod.exit_code}",
+            f"{where} exited with code {pod.exit_code}",
+            pod.exit_code,
+        )
+    if restart_policy == c.RESTART_POLICY_NEVER:
+        return dataclasses.replace(failure, retryable=False)
+    if restart_policy == c.RESTART_POLICY_ON_FAILURE:
+        return dataclasses.replace(failure, retryable=True)
+    return failure
+
+
+def missing_rank_failure(name: str, rank: int) -> Failure:
+    return Failure(name, rank, True, "PodDeleted", f"rank {rank} pod {name} disappeared (deleted or node lost)")
+
+
+def set_condition(
+    status: dict[str, Any], kind: str, value: bool, reason: str, message: str, now: datetime, generation: int
+) -> None:
+    """Upsert one condition; lastTransitionTime moves only when the True/False value flips."""
+    wanted = "True" if value else "False"
+    conditions: list[dict[str, Any]] = status.setdefault("conditions", [])
+    current = next((cond for cond in conditions if cond["type"] == kind), None)
+    if current is None:
+        current = {"type": kind}
+        conditions.append(current)
+    if current.get("status") != wanted:
+        current["lastTransitionTime"] = to_timestamp(now)
+    current.update(status=wanted, reason=reason, message=message, observedGeneration=generation)
+    order = {kind: index for index, kind in enumerate(c.CONDITION_TYPES)}
+    conditions.sort(key=lambda cond: order.get(cond["type"], len(order)))
+
+
+def condition_is(status: Mapping[str, Any], kind: str, value: bool = True) -> bool:
+    wanted = "True" if value else "False"
+    return any(cond["type"] == kind and cond.get("status") == wanted for cond in status.get("conditions") or [])
+
+
+def _lower(status: dict[str, Any], kinds: Iterable[str], reason: str, message: str, now: datetime, gen: int) -> None:
+    """Set the given conditions False, but only those already present and True."""
+    for kind in kinds:
+        if condition_is(status, kind):
+            set_condition(status, kind, False, reason, message, now, gen)
+
+
+class _Machine:
+    """One reconcile pass; a class only to keep the shared locals (now, generation, plan) out of signatures."""
+
+    def __init__(
+        self, spec: FinetuneSpec, old: Mapping[str, Any], pods: list[PodView], now: datetime, backoff: Backoff
+    ):
+        self.spec = spec
+        self.now = now
+        self.backoff = backoff
+        self.gen = spec.generation
+        self.status: dict[str, Any] = copy.deepcopy(dict(old))
+        self.plan = Plan(status=self.status)
+        self.pods = pods
+
+    # --- small helpers ---
+    def cond(self, kind: str, value: bool, reason: str, message: str) -> None:
+        set_condition(self.status, kind, value, reason, message, self.now, self.gen)
+
+    def event(self, reason: str, message: str, warning: bool = False) -> None:
+        self.plan.events.append(Event("Warning" if warning else "Normal", reason, message))
+        self.status["message"] = message
+
+    def transition(self, state: str, reason: str, message: str, warning: bool = False) -> None:
+        if self.status.get("state") != state:
+            self.event(reason, message, warning)
+        self.status["state"] = state
+
+    def delete(self, pods: Iterable[PodView]) -> None:
+        for pod in pods:
+            if not pod.deleting and pod.name not in self.plan.delete_pods:
+                self.plan.delete_pods.append(pod.name)
+
+    @property
+    def attempt(self) -> int:
+        return int(self.status.get("attempt", 0))
+
+    def workers(self, current: bool) -> list[PodView]:
+        return [p for p in self.pods if p.role == c.ROLE_WORKER and (p.attempt == self.attempt) == current]
+
+    def merges(self) -> list[PodView]:
+        return [p for p in self.pods if p.role == c.ROLE_MERGE]
+
+    def active(self) -> list[PodView]:
+        return [p for p in self.pods if not p.finished]
+
+    # --- terminal transitions ---
+    def fail(self, reason: str, message: str) -> None:
+        self.cond(c.COND_FAILED, True, reason, message)
+        _lower(self.status, (c.COND_RUNNING, c.COND_RESTARTING, c.COND_MERGING), reason, message, self.now, self.gen)
+        self.status.setdefault("completionTime", to_timestamp(self.now))
+        self.status.pop("nextAttemptTime", None)
+        self.transition(c.STATE_FAILED, reason, message, warning=True)
+        self.delete(self.active())  # finished pods stay for `kubectl logs` until ttlSecondsAfterFinished
+
+    def succeed(self, checkpoint: str, message: str) -> None:
+        self.status["checkpoint"] = checkpoint
+        self.status.setdefault("completionTime", to_timestamp(self.now))
+        self.cond(c.COND_SUCCEEDED, True, "JobSucceeded", message)
+        _lower(self.status, (c.COND_RUNNING, c.COND_MERGING), "JobSucceeded", message, self.now, self.gen)
+        self.transition(c.STATE_SUCCEEDED, "JobSucceeded", message)
+
+    # --- the pass ---
+    def run(self) -> Plan:
+        spec, status = self.spec, self.status
+        status["observedGeneration"] = self.gen
+        status["nodes"] = spec.nodes
+        status["npus"] = spec.world_size
+        status.setdefault("restarts", 0)
+        status.setdefault("attempt", 0)
+        if condition_is(status, c.COND_FAILED) and _reason(status, c.COND_FAILED) == c.REASON_INVALID_SPEC:
+            # The spec was fixed (parse succeeded): start over from a clean slate.
+            self.cond(c.COND_FAILED, False, "SpecValid", "the spec is valid")
+            status["state"] = c.STATE_PENDING
+            status.pop("completionTime", None)
+
+        if status.get("state") in c.TERMINAL_STATES:
+            self.finished()
+        elif self.deadline_passed():
+            pass
+        elif spec.run_policy.suspend:
+            self.suspend()
+        else:
+            if status.get("state") == c.STATE_SUSPENDED:
+                self.resume()
+            if self.attempt == 0:
+                self.start_attempt(1)
+            state = status.get("state")
+            if state == c.STATE_MERGING:
+                self.merging()
+            elif state == c.STATE_RESTARTING:
+                self.restarting()
+            else:
+                self.training()
+        self.count_pods()
+        _stamp_generation(self.status, self.gen)
+        return self.plan
+
+    def finished(self) -> None:
+        self.delete(self.active())
+        ttl = self.spec.run_policy.ttl_seconds_after_finished
+        done = from_timestamp(self.status.get("completionTime"))
+        if ttl is None or done is None:
+            return
+        expiry = done + timedelta(seconds=ttl)
+        if self.now >= expiry:
+            self.delete(self.pods)
+        else:
+            self.plan.requeue((expiry - self.now).total_seconds())
+
+    def deadline_passed(self) -> bool:
+        deadline = self.spec.run_policy.active_deadline_seconds
+        started = from_timestamp(self.status.get("startTime"))
+        if deadline is None or started is None or self.status.get("state") == c.STATE_SUSPENDED:
+            return False
+        expiry = started + timedelta(seconds=deadline)
+        if self.now < expiry:
+            self.plan.requeue((expiry - self.now).total_seconds())
+            return False
+        self.fail(c.REASON_DEADLINE, f"the job ran longer than activeDeadlineSeconds={deadline}")
+        return True
+
+    def suspend(self) -> None:
+        self.delete(self.pods)
+        if self.status.get("state") == c.STATE_SUSPENDED:
+            return
+        message = "suspended: all pods removed; resuming continues from the newest checkpoint"
+        self.cond(c.COND_SUSPENDED, True, "Suspended", message)
+        _lower(self.status, (c.COND_RUNNING, c.COND_RESTARTING), "Suspended", message, self.now, self.gen)
+        self.status["suspendedFrom"] = self.status.get("state") or c.STATE_PENDING
+        self.status.pop("nextAttemptTime", None)
+        self.transition(c.STATE_SUSPENDED, "Suspended", message)
+
+    def resume(self) -> None:
+        message = "resumed"
+        self.cond(c.COND_SUSPENDED, False, "Resumed", message)
+        self.event("Resumed", message)
+        previous = self.status.pop("suspendedFrom", c.STATE_PENDING)
+        # The deadline counts active time only, as for a Kubernetes Job.
+        self.status["startTime"] = to_timestamp(self.now)
+        if previous == c.STATE_MERGING:
+            self.status["state"] = c.STATE_MERGING
+            self.status["mergeAttempt"] = int(self.status.get("mergeAttempt", 0)) + 1
+        elif int(self.status.get("launchedAttempt", 0)) >= self.attempt > 0:
+            self.start_attempt(self.attempt + 1)  # a new group that resumes from the newest checkpoint
+        else:
+            self.status["state"] = c.STATE_PENDING  # never launched: launch the same attempt
+
+    def start_attempt(self, attempt: int) -> None:
+        self.status["attempt"] = attempt
+        self.status["state"] = c.STATE_PENDING
+        self.status.setdefault("startTime", to_timestamp(self.now))
+
+    def restart_or_fail(self, failure: Failure) -> None:
+        self.status["lastFailure"] = {
+            "pod": failure.pod,
+            "rank": failure.rank,
+            "exitCode": failure.exit_code,
+            "reason": failure.reason,
+            "message": failure.message,
+            "time": to_timestamp(self.now),
+        }
+        if not failure.retryable:
+            policy = self.spec.run_policy.restart_policy
+            reason = c.REASON_POD_FAILED if policy == c.RESTART_POLICY_NEVER else c.REASON_NON_RETRYABLE_EXIT
+            why = "restartPolicy Never" if policy == c.RESTART_POLICY_NEVER else "exit codes 1-127 are not retried"
+            self.fail(reason, f"{failure.message} ({why})")
+            return
+        restarts = int(self.status.get("restarts", 0))
+        limit = self.spec.run_policy.backoff_limit
+        if restarts >= limit:
+            self.fail(
+                c.REASON_BACKOFF_LIMIT, f"{failure.message}; backoffLimit {limit} reached after {restarts} restarts"
+            )
+            return
+        delay = self.backoff.delay(restarts + 1)
+        message = f"{failure.message}; restarting all ranks as attempt {self.attempt + 1} in {delay:g}s"
+        self.status["restarts"] = restarts + 1
+        self.status["attempt"] = self.attempt + 1
+        self.status["nextAttemptTime"] = to_timestamp(self.now + timedelta(seconds=delay))
+        self.cond(c.COND_RESTARTING, True, failure.reason, message)
+        _lower(self.status, (c.COND_RUNNING,), "Restarting", message, self.now, self.gen)
+        self.status["state"] = c.STATE_RESTARTING
+        self.event("Restarting", message, warning=True)
+        self.delete(self.workers(current=False))  # status.attempt moved on: the failed group is now stale
+        self.plan.requeue(delay)
+
+    def restarting(self) -> None:
+        stale = self.workers(current=False)
+        self.delete(stale)
+        not_before = from_timestamp(self.status.get("nextAttemptTime"))
+        if not_before is not None and self.now < not_before:
+            self.plan.requeue((not_before - self.now).total_seconds())
+            return
+        self.status.pop("nextAttemptTime", None)
+        self.status["state"] = c.STATE_PENDING
+        self.training()
+
+    def training(self) -> None:
+        spec = self.spec
+        stale = self.workers(current=False)
+        self.delete(stale)
+        current = {p.rank: p for p in self.workers(current=True) if p.rank is not None}
+        if int(self.status.get("launchedAttempt", 0)) < self.attempt:
+            if stale:  # host names are reused across attempts: wait until the old group is gone
+                self.plan.requeue(TEARDOWN_POLL_SECONDS)
+                return
+            missing = [rank for rank in range(spec.nodes) if rank not in current]
+            if missing:
+                self.plan.ensure_children = True
+                self.plan.create_ranks = missing
+                self.status["state"] = c.STATE_PENDING
+                return
+            self.status["launchedAttempt"] = self.attempt
+            message = f"created {spec.nodes} rank pods for attempt {self.attempt}"
+            self.cond(c.COND_CREATED, True, "PodsCreated", message)
+            self.event("PodsCreated", message)
+
+        failures = [f for p in current.values() if (f := classify_failure(p, spec.run_policy.restart_policy))]
+        failures += [
+            missing_rank_failure(names.rank_pod(spec.name, self.attempt, rank), rank)
+            for rank in range(spec.nodes)
+            if rank not in current
+        ]
+        if failures:
+            # A non-retryable failure decides the outcome even when another rank's failure could be retried.
+            failures.sort(key=lambda f: (f.retryable, f.rank if f.rank is not None else -1))
+            self.restart_or_fail(failures[0])
+            return
+        phases = [p.phase for p in current.values()]
+        if all(phase == "Succeeded" for phase in phases):
+            self.training_succeeded()
+        elif all(phase in ("Running", "Succeeded") for phase in phases):
+            message = f"all {spec.nodes} ranks of attempt {self.attempt} are running"
+            self.cond(c.COND_RUNNING, True, "AllRanksRunning", message)
+            _lower(self.status, (c.COND_RESTARTING,), "AllRanksRunning", message, self.now, self.gen)
+            self.transition(c.STATE_RUNNING, "Running", message)
+        else:
+            self.status["state"] = c.STATE_PENDING
+
+    def training_succeeded(self) -> None:
+        spec = self.spec
+        self.status["trainingCompletionTime"] = to_timestamp(self.now)
+        message = f"all {spec.nodes} ranks succeeded"
+        if not spec.merge_enabled:
+            self.succeed(output_subdir(spec, c.CHECKPOINT_DIR), f"{message}; merge disabled, shards kept")
+            return
+        self.status["mergeAttempt"] = 1
+        self.status["state"] = c.STATE_MERGING
+        self.cond(c.COND_MERGING, True, "Merging", f"{message}; merging the checkpoint shards")
+        _lower(self.status, (c.COND_RUNNING,), "TrainingSucceeded", message, self.now, self.gen)
+        self.event("Merging", f"{message}; merging the checkpoint shards")
+        self.merging()
+
+    def merging(self) -> None:
+        merge_attempt = int(self.status.get("mergeAttempt", 1))
+        self.delete(self.workers(current=False))
+        current_name = names.merge_pod(self.spec.name, merge_attempt)
+        pod = next((p for p in self.merges() if p.name == current_name), None)
+        self.delete(p for p in self.merges() if p.name != current_name and not p.finished)
+        if pod is None or (pod.deleting and not pod.finished):
+            if pod is None:
+                self.plan.create_merge = merge_attempt
+            return
+        if pod.phase == "Succeeded":
+            path = merged_checkpoint_path(self.spec)
+            self.succeed(path, f"merged checkpoint written to {path}")
+        elif pod.phase in ("Failed", "Unknown"):
+            why = f"merge pod {pod.name} failed" + (f" with exit code {pod.exit_code}" if pod.exit_code else "")
+            if merge_attempt > c.MERGE_BACKOFF_LIMIT:
+                self.fail(c.REASON_MERGE_FAILED, f"{why}; shards kept under {self.spec.output_path}")
+                return
+            self.status["mergeAttempt"] = merge_attempt + 1
+            self.event("MergeRetry", f"{why}; retrying ({merge_attempt}/{c.MERGE_BACKOFF_LIMIT})", warning=True)
+            self.plan.create_merge = merge_attempt + 1
+
+    def count_pods(self) -> None:
+        counts = {"pending": 0, "running": 0, "succeeded": 0, "failed": 0}
+        for pod in self.workers(current=True):
+            key = pod.phase.lower() if pod.phase.lower() in counts else "pending"
+            counts[key] += 1
+        self.status["pods"] = counts
+
+
+def _stamp_generation(status: dict[str, Any], generation: int) -> None:
+    """Every condition was re-evaluated against this generation, including those that kept their value."""
+    for cond in status.get("conditions") or []:
+        cond["observedGeneration"] = generation
+
+
+def _reason(status: Mapping[str, Any], kind: str) -> str | None:
+    return next((cond.get("reason") for cond in status.get("conditions") or [] if cond["type"] == kind), None)
+
+
+def invalid_spec_plan(old: Mapping[str, Any], error: SpecError, generation: int, now: datetime) -> Plan:
+    """A spec the operator cannot run: Failed/InvalidSpec naming the field; pods (if any) are left alone."""
+    status = copy.deepcopy(dict(old))
+    status["observedGeneration"] = generation
+    message = str(error)
+    set_condition(status, c.COND_FAILED, True, c.REASON_INVALID_SPEC, message, now, generation)
+    _stamp_generation(status, generation)
+    plan = Plan(status=status)
+    if status.get("state") != c.STATE_FAILED or status.get("message") != message:
+        plan.events.append(Event("Warning", c.REASON_INVALID_SPEC, message))
+    status["state"] = c.STATE_FAILED
+    status["message"] = message
+    return plan
+
+
+def reconcile(
+    spec: FinetuneSpec, old_status: Mapping[str, Any], pods: list[PodView], now: datetime, backoff: Backoff
+) -> Plan:
+    """Decide the next status and the actions that move the cluster towards it."""
+    return _Machine(spec, old_status, pods, now, backoff).run()

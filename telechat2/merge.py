@@ -1,0 +1,352 @@
+"""`telechat2 merge`: distributed checkpoint shards -> one full, verified checkpoint.
+
+Arguments are the seed's `transform_ckpt.py` ones (`--src_ckpt_strategy --src_ckpt_dir --dst_ckpt_dir --prefix`).
+Sources are laid out as a training run writes them: `src_ckpt_dir/rank_N/*.ckpt`. From each rank the newest
+checkpoint is used; with MindFormers' `{prefix}-{epoch}_{step}.ckpt` names that is the newest step every rank has
+(so a rank that died before its last save does not pair step 20 with step 10); other names fall back to
+MindSpore's own rule, the last file in lexicographic order.
+
+With a strategy (a file, or a directory of per-rank / per-pipeline-stage files, protobuf `.ckpt` or `.json`):
+the files are merged with `mindspore.merge_pipeline_strategys`, then `mindspore.transform_checkpoints(src, dst,
+prefix, strategy, None)` does the full merge. Without a strategy the run was data parallel: every rank holds a full
+copy, so the ranks are checked to agree (same tensors, shapes, dtypes, and bit-identical model weights) and rank 0's
+checkpoint is taken.
+
+Output: `dst_ckpt_dir/rank_0/{prefix}0.ckpt`, MindSpore's layout for a merged checkpoint, so
+`load_checkpoint: dst_ckpt_dir` and `auto_trans_ckpt` find it. Before it is reported, the result is verified (every
+parameter the strategy or the shards name, at full shape, finite values). Everything is built in a temporary
+directory beside the destination and renamed into place only after verification; the sources are only read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from telechat2.checkpoint_io import CheckpointError, CkptReader
+
+CKPT_STEP = re.compile(r"-(\d+)_(\d+)(?:_breakpoint)?\.ckpt$")
+MODEL_PREFIXES = ("model.", "lm_head.")
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--src_ckpt_strategy",
+        "--src-ckpt-strategy",
+        help="strategy file, or the directory of strategy files (output/strategy); omit for data-parallel runs",
+    )
+    parser.add_argument(
+        "--src_ckpt_dir", "--src-ckpt-dir", required=True, help="directory holding rank_N/ subdirectories"
+    )
+    parser.add_argument(
+        "--dst_ckpt_dir", "--dst-ckpt-dir", required=True, help="new directory for rank_0/{prefix}0.ckpt"
+    )
+    parser.add_argument("--prefix", default="checkpoint_", help="name of the merged file: {prefix}0.ckpt")
+
+
+# --- choosing the source files ------------------------------------------------------------------------------------
+
+
+def rank_checkpoints(src_dir: Path) -> dict[int, list[Path]]:
+    """rank -> its .ckpt files, for every rank_N directory."""
+    if not src_dir.is_dir():
+        raise CheckpointError(f"--src_ckpt_dir {src_dir} is not a directory")
+    ranks: dict[int, list[Path]] = {}
+    for path in src_dir.iterdir():
+        match = re.fullmatch(r"rank_(\d+)", path.name)
+        if match and path.is_dir():
+            ranks[int(match.group(1))] = sorted(p for p in path.glob("*.ckpt") if p.is_file())
+    if not ranks:
+        raise CheckpointError(f"no rank_N directories in {src_dir}")
+    empty = [f"rank_{r}" for r, files in sorted(ranks.items()) if not files]
+    if empty:
+        raise CheckpointError(f"no .ckpt files in {', '.join(empty)} under {src_dir}")
+    return ranks
+
+
+def choose_checkpoints(ranks: dict[int, list[Path]]) -> dict[int, Path]:
+    """The newest checkpoint per rank, the same training step on every rank when the names say the step."""
+    steps: dict[int, dict[tuple[int, int], Path]] = {}
+    for rank, files in ranks.items():
+        parsed = {}
+        for path in files:
+            match = CKPT_STEP.search(path.name)
+            if match:
+                parsed[(int(match.group(1)), int(match.group(2)))] = path
+        steps[rank] = parsed
+    if all(len(steps[r]) == len(ranks[r]) for r in ranks):
+        common = set.intersection(*(set(s) for s in steps.values()))
+        if not common:
+            listing = "; ".join(f"rank_{r}: {sorted(s)}" for r, s in sorted(steps.items()))
+            raise CheckpointError(f"the ranks have no (epoch, step) checkpoint in common: {listing}")
+        newest = max(common)
+        return {rank: steps[rank][newest] for rank in ranks}
+    return {rank: files[-1] for rank, files in ranks.items()}  # MindSpore's rule: last in lexicographic order
+
+
+# --- strategy -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """One parameter's sharding in one pipeline stage, from a strategy file."""
+
+    stage: int
+    device_matrix: tuple[int, ...]
+    splits: tuple[int, ...]  # how many pieces each tensor dimension is cut into
+
+    @property
+    def stage_devices(self) -> int:
+        return math.prod(self.device_matrix)
+
+    def full_shape(self, shard_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(d * s for d, s in zip(shard_shape, self.splits, strict=False)) + shard_shape[len(self.splits) :]
+
+
+def merge_strategy_files(strategy: Path, work: Path) -> Path:
+    """One strategy file covering every pipeline stage, made by `mindspore.merge_pipeline_strategys`."""
+    import mindspore as ms
+
+    if strategy.is_file():
+        files = [strategy]
+    elif strategy.is_dir():
+        files = sorted(p for p in strategy.iterdir() if p.suffix in (".ckpt", ".json") and p.is_file())
+        if not files:
+            raise CheckpointError(f"no strategy files (*.ckpt or *.json) in {strategy}")
+    else:
+        raise CheckpointError(f"--src_ckpt_strategy {strategy} does not exist")
+    suffixes = {p.suffix for p in files}
+    if len(suffixes) > 1:
+        raise CheckpointError(f"{strategy} mixes .ckpt and .json strategy files")
+    staged = work / "strategy_in"
+    staged.mkdir()
+    for path in files:
+        os.symlink(path.resolve(), staged / path.name)
+    merged = work / f"merged_strategy{suffixes.pop()}"
+    try:
+        ms.merge_pipeline_strategys(str(staged), str(merged))
+    except Exception as err:  # MindSpore raises ValueError/TypeError/protobuf errors for unreadable files
+        raise CheckpointError(f"cannot read the strategy in {strategy}: {err}") from err
+    return merged
+
+
+def read_layouts(merged_strategy: Path) -> dict[str, list[ParamLayout]]:
+    """parameter -> its layout in each stage holding it, from a merged strategy ('stage-name' keys)."""
+    from mindspore.parallel import build_searched_strategy
+
+    try:
+        raw = build_searched_strategy(str(merged_strategy))
+    except Exception as err:
+        raise CheckpointError(f"cannot read the merged strategy {merged_strategy}: {err}") from err
+    if not raw:
+        raise CheckpointError("the strategy names no parameters")
+    layouts: dict[str, list[ParamLayout]] = {}
+    for key, layout in raw.items():
+        stage, _, name = key.partition("-")
+        device_matrix = tuple(layout.dev_matrix[0].dim)
+        maps = [list(m.dim) for m in layout.tensor_map if list(m.dim)]
+        per_dim = [[m] for m in maps[0]] if len(maps) == 1 else maps  # one axis may be cut by several device axes
+        splits = [math.prod(device_matrix[len(device_matrix) - 1 - i] for i in axes if i != -1) for axes in per_dim]
+        if layout.opt_weight_shard_size > 1 and splits:  # parallel optimizer cuts dim 0 further
+            splits[0] *= layout.opt_weight_shard_size
+        layouts.setdefault(name, []).append(ParamLayout(int(stage), device_matrix, tuple(splits)))
+    return layouts
+
+
+def check_shards_match_strategy(layouts: dict[str, list[ParamLayout]], readers: dict[int, CkptReader]) -> dict:
+    """Every rank the strategy needs is there and holds every parameter of its stage; returns full shapes."""
+    stage_devices = {pl.stage: pl.stage_devices for pls in layouts.values() for pl in pls}
+    stages = sorted(stage_devices)
+    if stages != list(range(len(stages))):
+        raise CheckpointError(f"the strategy covers pipeline stages {stages}, not 0..{len(stages) - 1}")
+    first_rank, stage_ranks = 0, {}
+    for stage in stages:
+        stage_ranks[stage] = range(first_rank, first_rank + stage_devices[stage])
+        first_rank += stage_devices[stage]
+    missing = [r for r in range(first_rank) if r not in readers]
+    if missing:
+        raise CheckpointError(
+            f"the strategy describes {first_rank} ranks; missing rank(s) {', '.join(f'rank_{r}' for r in missing)}"
+        )
+    extra = sorted(r for r in readers if r >= first_rank)
+    if extra:
+        raise CheckpointError(
+            f"the strategy describes {first_rank} ranks but the source also has "
+            f"{', '.join(f'rank_{r}' for r in extra)}: the strategy does not match these shards"
+        )
+    full_shapes: dict[str, tuple[int, ...]] = {}
+    problems = []
+    for name, stage_layouts in layouts.items():
+        for layout in stage_layouts:
+            shapes = {}
+            for rank in stage_ranks[layout.stage]:
+                entry = readers[rank].entries.get(name)
+                if entry is None:
+                    problems.append(f"the strategy names {name} (stage {layout.stage}) but rank_{rank} lacks it")
+                else:
+                    shapes[rank] = entry.shape
+            if len(set(shapes.values())) > 1:
+                problems.append(f"{name}: shard shapes differ across stage {layout.stage}: {shapes}")
+            elif shapes:
+                shard = next(iter(shapes.values()))
+                if len(shard) < len(layout.splits):
+                    problems.append(f"{name}: shard shape {list(shard)} has fewer axes than the strategy's layout")
+                else:
+                    full_shapes[name] = layout.full_shape(shard)
+    if problems:
+        raise CheckpointError("the strategy does not match the shards:\n  " + "\n  ".join(problems[:20]))
+    return full_shapes
+
+
+def check_unsharded_agree(layouts: dict[str, list[ParamLayout]], readers: dict[int, CkptReader]) -> None:
+    """A tensor the strategy does not describe is copied as is, so it must have one shape on every rank."""
+    shapes: dict[str, set[tuple[int, ...]]] = {}
+    for reader in readers.values():
+        for name, entry in reader.entries.items():
+            if name not in layouts:
+                shapes.setdefault(name, set()).add(entry.shape)
+    sharded = [f"{n} {sorted(map(list, s))}" for n, s in shapes.items() if len(s) > 1]
+    if sharded:
+        raise CheckpointError(
+            "the strategy does not match the shards: these tensors have different shapes on different ranks but "
+            "the strategy does not describe them:\n  " + "\n  ".join(sharded[:20])
+        )
+
+
+# --- merging ------------------------------------------------------------------------------------------------------
+
+
+def check_replicas_agree(readers: dict[int, CkptReader]) -> None:
+    """Data-parallel ranks hold identical copies: same tensors, shapes and dtypes; model weights bit-identical."""
+    ranks = sorted(readers)
+    if ranks != list(range(len(ranks))):
+        missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
+        raise CheckpointError(f"missing rank(s) {', '.join(f'rank_{r}' for r in missing)} (found {ranks})")
+    base = readers[0]
+    for rank in ranks[1:]:
+        other = readers[rank]
+        if set(other.entries) != set(base.entries):
+            only0 = sorted(set(base.entries) - set(other.entries))[:5]
+            only_r = sorted(set(other.entries) - set(base.entries))[:5]
+            raise CheckpointError(
+                f"rank_{rank} ({other.path}) and rank_0 hold different tensors: only rank_0 has {only0}, "
+                f"only rank_{rank} has {only_r}; with no strategy the ranks must be full data-parallel copies "
+                "(pass --src_ckpt_strategy for sharded runs)"
+            )
+        for name, entry in base.entries.items():
+            theirs = other.entries[name]
+            if (theirs.shape, theirs.tensor_type) != (entry.shape, entry.tensor_type):
+                raise CheckpointError(
+                    f"{name}: rank_0 has {list(entry.shape)} {entry.tensor_type}, rank_{rank} has "
+                    f"{list(theirs.shape)} {theirs.tensor_type}; pass --src_ckpt_strategy for sharded runs"
+                )
+            if name.startswith(MODEL_PREFIXES) and base.read(name).tobytes() != other.read(name).tobytes():
+                raise CheckpointError(
+                    f"{name} differs between rank_0 and rank_{rank}: data-parallel replicas should be identical "
+                    "(was the run sharded? then pass --src_ckpt_strategy)"
+                )
+
+
+def verify_merged(path: Path, expected: dict[str, tuple[int, ...]]) -> int:
+    """Every expected parameter present at its full shape, every float tensor finite; returns the tensor count."""
+    reader = CkptReader(path)
+    problems = []
+    for name, shape in expected.items():
+        entry = reader.entries.get(name)
+        if entry is None:
+            problems.append(f"{name} is missing")
+        elif entry.shape != shape:
+            problems.append(f"{name} is {list(entry.shape)}, expected the full shape {list(shape)}")
+    for name, entry in reader.entries.items():
+        if entry.tensor_type.startswith(("Float", "BFloat")):
+            values = reader.read(name)
+            if values.dtype.name == "bfloat16":
+                values = values.astype(np.float32)
+            if not np.isfinite(values).all():
+                problems.append(f"{name} has non-finite values")
+    if problems:
+        raise CheckpointError(f"merged checkpoint {path} failed verification:\n  " + "\n  ".join(problems[:20]))
+    return len(reader.entries)
+
+
+def merge(src_ckpt_dir: str | Path, dst_ckpt_dir: str | Path, prefix: str, strategy: str | Path | None = None) -> dict:
+    """Merge and verify; `dst_ckpt_dir/rank_0/{prefix}0.ckpt` appears only when everything checked out."""
+    started = time.monotonic()
+    src, dst = Path(src_ckpt_dir), Path(dst_ckpt_dir)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise CheckpointError(f"--dst_ckpt_dir {dst} exists and is not empty; choose a new directory")
+    if not prefix or "/" in prefix:
+        raise CheckpointError(f"--prefix {prefix!r} must be a non-empty file name prefix")
+    chosen = choose_checkpoints(rank_checkpoints(src))
+    readers = {rank: CkptReader(path) for rank, path in sorted(chosen.items())}  # names a corrupt file
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        out = work / "out"
+        merged_file = out / "rank_0" / f"{prefix}0.ckpt"
+        if strategy is None:
+            check_replicas_agree(readers)
+            expected = {name: entry.shape for name, entry in readers[0].entries.items()}
+            merged_file.parent.mkdir(parents=True)
+            shutil.copyfile(chosen[0], merged_file)
+            mode = "data-parallel (rank 0's copy)"
+        else:
+            import mindspore as ms
+
+            merged_strategy = merge_strategy_files(Path(strategy), work)
+            layouts = read_layouts(merged_strategy)
+            full_shapes = check_shards_match_strategy(layouts, readers)
+            check_unsharded_agree(layouts, readers)
+            expected = {n: e.shape for r in readers.values() for n, e in r.entries.items() if n not in layouts}
+            expected.update(full_shapes)
+            view = work / "src"  # exactly the chosen file per rank, as symlinks: the sources are only read
+            for rank, path in chosen.items():
+                (view / f"rank_{rank}").mkdir(parents=True)
+                os.symlink(path.resolve(), view / f"rank_{rank}" / path.name)
+            try:
+                ms.transform_checkpoints(str(view), str(out), prefix, str(merged_strategy), None)
+            except Exception as err:
+                raise CheckpointError(f"mindspore.transform_checkpoints failed: {err}") from err
+            mode = f"sharded ({len(readers)} ranks, {len({p.stage for v in layouts.values() for p in v})} stage(s))"
+        produced = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+        if produced != [merged_file.relative_to(out)]:
+            raise CheckpointError(f"expected only {merged_file.relative_to(out)} from the merge, got {produced}")
+        tensors = verify_merged(merged_file, expected)
+        if dst.exists():
+            dst.rmdir()
+        os.replace(out, dst)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    final = dst / "rank_0" / f"{prefix}0.ckpt"
+    return {
+        "path": str(final),
+        "mode": mode,
+        "tensors": tensors,
+        "bytes": final.stat().st_size,
+        "sources": {rank: str(path) for rank, path in chosen.items()},
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        summary = merge(args.src_ckpt_dir, args.dst_ckpt_dir, args.prefix, args.src_ckpt_strategy)
+    except CheckpointError as err:
+        print(f"telechat2 merge: error: {err}", file=sys.stderr)
+        return 1
+    sources = ", ".join(f"rank_{r}: {Path(p).name}" for r, p in sorted(summary["sources"].items()))
+    print(
+        f"merged {summary['mode']} into {summary['path']}: {summary['tensors']} tensors, "
+        f"{summary['bytes'] / 1e9:.3f} GB, verified (full shapes, finite) in {summary['seconds']} s; sources {sources}"
+    )
+    return 0

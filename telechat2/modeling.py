@@ -1,0 +1,473 @@
+"""TeleChat2 on MindSpore, in one file: norm, rotary embedding, attention, MLP, mixture of experts, decoder layer,
+causal LM.
+
+Submodule names equal the MindFormers research checkpoint keys (`model.layers.N.attention.wk_v.weight`, ...), so a
+converted checkpoint loads with `mindspore.load_param_into_net` and no renaming. Shapes are commented as
+B = batch, S = new tokens, T = cached + new tokens, H = hidden, N = heads, K = KV heads, D = head_dim, E = experts.
+
+Portable MindSpore ops run everywhere (CPU included); the Ascend fused kernels (flash attention, fused RMSNorm) are
+used only when `use_flash_attention` / `use_fused_rms_norm` ask for them. `construct(input_ids, labels)` is the
+graph-mode friendly training entry; `forward(input_ids, past_key_values, start_pos)` is the incremental decoding
+entry used (in PyNative mode) by `telechat2.generation`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, mint, nn, ops
+from mindspore.common.initializer import Normal, One, Zero, initializer
+
+from telechat2.config import TeleChat2Config
+
+_MASKED = -1e9  # additive attention mask value: finite, so a fully masked row stays NaN-free
+
+# One layer's cache: key and value before the GQA repeat, each [B, K, T, D].
+LayerCache = tuple[Tensor, Tensor]
+
+
+def _dtype(name: str) -> ms.dtype:
+    """MindSpore dtype from its YAML name (`float32`, `float16`, `bfloat16`)."""
+    dtypes = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(dtypes)}")
+    return dtypes[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rotary position embedding and dynamic NTK: pure numpy helpers, computed once per model.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def dynamic_ntk_base_and_mscale(seq_len: int, config: TeleChat2Config) -> tuple[float, float]:
+    """Rotary base and cos/sin scale for sequences up to `seq_len` (facts file, section 8).
+
+    L = max(seq_len, training_seqlen); alpha = max(2^ceil(log2(L / base_seqlen) + 1) - 1, 1);
+    base' = base * alpha^(D / (D - 2)); mscale = 1 + 0.1 * ln(L / training_seqlen) past the trained length, else 1.
+    Without `extend_method: DYNAMIC_NTK` the plain base and scale 1 are returned.
+    """
+    if config.extend_method != "DYNAMIC_NTK":
+        return float(config.rope_theta), 1.0
+    length = max(seq_len, config.training_seqlen)
+    alpha = max(2 ** math.ceil(math.log2(length / config.max_position_embedding) + 1) - 1, 1)
+    dim = config.head_dim
+    base = config.rope_theta * alpha ** (dim / (dim - 2))
+    mscale = 1.0 + 0.1 * math.log(length / config.training_seqlen) if length > config.training_seqlen else 1.0
+    return float(base), float(mscale)
+
+
+def rotary_cos_sin(seq_len: int, head_dim: int, base: float, mscale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin tables [seq_len, head_dim] for GPT-NeoX rotate-half RoPE: angles are cat(freqs, freqs)."""
+    inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [D/2]
+    freqs = np.outer(np.arange(seq_len, dtype=np.float64), inv_freq)  # [seq_len, D/2]
+    angles = np.concatenate([freqs, freqs], axis=-1)  # [seq_len, D]
+    return (np.cos(angles) * mscale).astype(np.float32), (np.sin(angles) * mscale).astype(np.float32)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) -> (-x2, x1) on the last axis, halves not interleaved."""
+    half = x.shape[-1] // 2
+    return ops.cat((-x[..., half:], x[..., :half]), axis=-1)
+
+
+def apply_rotary_pos_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [B, N, S, D] by the positions whose cos/sin [S, D] are given."""
+    return x * cos + rotate_half(x) * sin
+
+
+def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    """[B, K, T, D] -> [B, K * n_rep, T, D]: each KV head serves n_rep query heads (grouped-query attention)."""
+    if n_rep == 1:
+        return x
+    batch, kv_heads, length, dim = x.shape
+    x = ops.broadcast_to(x.expand_dims(2), (batch, kv_heads, n_rep, length, dim))
+    return x.reshape(batch, kv_heads * n_rep, length, dim)
+
+
+def causal_mask(query_len: int, key_len: int, start_pos: int) -> Tensor:
+    """Boolean [S, T], True where query i (absolute position start_pos + i) must not see key j (j > start_pos + i)."""
+    query_pos = ops.arange(query_len, dtype=ms.int32) + start_pos
+    key_pos = ops.arange(key_len, dtype=ms.int32)
+    return key_pos.expand_dims(0) > query_pos.expand_dims(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class TeleChat2Linear(nn.Cell):
+    """y = x W^T (+ b) with W [out, in] stored in `param_init_type` and multiplied in `compute_dtype`.
+
+    `dtype` overrides both, for layers that must stay in one precision (the float32 MoE router).
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, has_bias: bool, config: TeleChat2Config, dtype=None
+    ) -> None:
+        super().__init__()
+        param_dtype = dtype or _dtype(config.param_init_type)
+        self.compute_dtype = dtype or _dtype(config.compute_dtype)
+        self.weight = Parameter(
+            initializer(Normal(sigma=config.initializer_range), (out_features, in_features), param_dtype), name="weight"
+        )
+        self.has_bias = has_bias
+        if has_bias:
+            self.bias = Parameter(initializer(Zero(), (out_features,), param_dtype), name="bias")
+
+    def construct(self, x: Tensor) -> Tensor:
+        bias = self.bias.astype(self.compute_dtype) if self.has_bias else None
+        return mint.nn.functional.linear(x.astype(self.compute_dtype), self.weight.astype(self.compute_dtype), bias)
+
+
+class TeleChat2Embedding(nn.Cell):
+    """Token embedding whose parameter is named `embedding_weight`, as in MindFormers checkpoints."""
+
+    def __init__(self, config: TeleChat2Config) -> None:
+        super().__init__()
+        self.compute_dtype = _dtype(config.compute_dtype)
+        self.embedding_weight = Parameter(
+            initializer(
+                Normal(sigma=config.initializer_range),
+                (config.vocab_size, config.hidden_size),
+                _dtype(config.param_init_type),
+            ),
+            name="embedding_weight",
+        )
+
+    def construct(self, input_ids: Tensor) -> Tensor:
+        return ops.gather(self.embedding_weight, input_ids, 0).astype(self.compute_dtype)  # [B, S, H]
+
+
+class TeleChat2RMSNorm(nn.Cell):
+    """RMSNorm with a weight only, computed in float32 whatever the compute dtype."""
+
+    def __init__(self, hidden_size: int, config: TeleChat2Config) -> None:
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.use_fused = config.use_fused_rms_norm
+        self.weight = Parameter(initializer(One(), (hidden_size,), ms.float32), name="weight")
+
+    def construct(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.astype(ms.float32)
+        if self.use_fused:  # Ascend fused kernel
+            return ops.rms_norm(x, self.weight, self.eps)[0].astype(dtype)
+        variance = ops.mean(x * x, -1, keep_dims=True)
+        return (x * ops.rsqrt(variance + self.eps) * self.weight).astype(dtype)
+
+
+class TeleChat2Attention(nn.Cell):
+    """Multi-head attention with fused, per-KV-head interleaved key_value ([K_h0, V_h0, K_h1, V_h1, ...] rows).
+
+    `qkv_concat` stores one `w_qkv` = concat(Q, K_all, V_all) instead, the layout of the seed's parallel inference.
+    Only the output projection `wo` has a bias.
+    """
+
+    def __init__(self, config: TeleChat2Config) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.n_rep = self.num_heads // self.n_kv_heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.qkv_concat = config.qkv_concat
+        self.use_flash_attention = config.use_flash_attention
+        hidden, kv_width = config.hidden_size, self.n_kv_heads * self.head_dim
+        if self.qkv_concat:
+            self.w_qkv = TeleChat2Linear(hidden, hidden + 2 * kv_width, False, config)
+        else:
+            self.wq = TeleChat2Linear(hidden, hidden, False, config)
+            self.wk_v = TeleChat2Linear(hidden, 2 * kv_width, False, config)
+        self.wo = TeleChat2Linear(hidden, hidden, True, config)
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, S, H] -> q [B, N, S, D], k and v [B, K, S, D]."""
+        batch, length, _ = x.shape
+        if self.qkv_concat:
+            qkv = self.w_qkv(x)  # [B, S, H + 2*K*D]
+            q_width, kv_width = self.num_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q = qkv[..., :q_width]
+            k = qkv[..., q_width : q_width + kv_width].reshape(batch, length, self.n_kv_heads, self.head_dim)
+            v = qkv[..., q_width + kv_width :].reshape(batch, length, self.n_kv_heads, self.head_dim)
+        else:
+            q = self.wq(x)  # [B, S, H]
+            kv = self.wk_v(x).reshape(batch, length, self.n_kv_heads, 2 * self.head_dim)  # per head: K then V
+            k, v = kv[..., : self.head_dim], kv[..., self.head_dim :]  # [B, S, K, D] each
+        q = q.reshape(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def construct(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        past_key: Tensor | None = None,
+        past_value: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, S, H], cos/sin [S, D], mask bool [B or 1, 1, S, T] (True = hidden; None = see all) -> (out, k, v).
+
+        k and v [B, K, T, D] include the past ones, so the caller can keep them as the cache.
+        """
+        batch, length, hidden = x.shape
+        q, k, v = self._project(x)
+        q = apply_rotary_pos_emb(q, cos, sin)
+        k = apply_rotary_pos_emb(k, cos, sin)
+        if past_key is not None:
+            k = ops.cat((past_key, k), axis=2)  # [B, K, T, D]
+            v = ops.cat((past_value, v), axis=2)
+        if self.use_flash_attention:  # Ascend kernel; takes K heads directly (GQA) and a uint8 mask, 1 = hidden
+            fa_mask = None if mask is None else ops.broadcast_to(mask, (batch, 1, length, k.shape[2])).astype(ms.uint8)
+            context = ops.flash_attention_score(
+                q, k, v, self.num_heads, attn_mask=fa_mask, scalar_value=self.scale, input_layout="BNSD"
+            )
+        else:
+            scores = ops.matmul(q, repeat_kv(k, self.n_rep).swapaxes(-1, -2)).astype(ms.float32) * self.scale
+            if mask is not None:
+                scores = ops.masked_fill(scores, mask, _MASKED)  # [B, N, S, T]
+            probs = ops.softmax(scores, axis=-1).astype(v.dtype)
+            context = ops.matmul(probs, repeat_kv(v, self.n_rep))  # [B, N, S, D]
+        context = context.transpose(0, 2, 1, 3).reshape(batch, length, hidden)
+        return self.wo(context), k, v
+
+
+class TeleChat2MLP(nn.Cell):
+    """SwiGLU: w2(silu(w1 x) * w3 x) + b2; w1 = gate, w3 = up, w2 = down (the only one with a bias)."""
+
+    def __init__(self, config: TeleChat2Config) -> None:
+        super().__init__()
+        self.w1 = TeleChat2Linear(config.hidden_size, config.intermediate_size, False, config)
+        self.w3 = TeleChat2Linear(config.hidden_size, config.intermediate_size, False, config)
+        self.w2 = TeleChat2Linear(config.intermediate_size, config.hidden_size, True, config)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.w2(ops.silu(self.w1(x)) * self.w3(x))
+
+
+class TeleChat2Router(nn.Cell):
+    """Expert scores: a bias-free dense layer in float32 (checkpoint key `router.dense.weight`)."""
+
+    def __init__(self, config: TeleChat2Config) -> None:
+        super().__init__()
+        self.dense = TeleChat2Linear(config.hidden_size, config.num_experts, False, config, dtype=ms.float32)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.dense(x.astype(ms.float32))
+
+
+class TeleChat2Experts(nn.Cell):
+    """E SwiGLU experts stacked on axis 0: w1/w3 [E, F, H], w2 [E, H, F], w2.bias [1, E, 1, H]."""
+
+    def __init__(self, config: TeleChat2Config) -> None:
+        super().__init__()
+        experts, hidden, ffn = config.num_experts, config.hidden_size, config.intermediate_size
+        param_dtype, std = _dtype(config.param_init_type), config.initializer_range
+        self.compute_dtype = _dtype(config.compute_dtype)
+        self.w1 = _StackedWeight((experts, ffn, hidden), std, param_dtype)
+        self.w3 = _StackedWeight((experts, ffn, hidden), std, param_dtype)
+        self.w2 = _StackedWeight((experts, hidden, ffn), std, param_dtype, bias_shape=(1, experts, 1, hidden))
+
+    def construct(self, x: Tensor) -> Tensor:
+        """x [M, H] -> every expert's output [E, M, H] (dense dispatch: simple and exact, E times the FLOPs)."""
+        dtype = self.compute_dtype
+        x = x.astype(dtype).expand_dims(0)  # [1, M, H]
+        gate = ops.matmul(x, self.w1.weight.astype(dtype).swapaxes(1, 2))  # [E, M, F]
+        up = ops.matmul(x, self.w3.weight.astype(dtype).swapaxes(1, 2))  # [E, M, F]
+        out = ops.matmul(ops.silu(gate) * up, self.w2.weight.astype(dtype).swapaxes(1, 2))  # [E, M, H]
+        return out + self.w2.bias.astype(dtype)[0]  # bias [E, 1, H]
+
+
+class _StackedWeight(nn.Cell):
+    """Holder so stacked expert tensors are named `ffn.w1.weight`, `ffn.w2.bias` like the checkpoint."""
+
+    def __init__(self, shape: tuple[int, ...], std: float, dtype, bias_shape: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.weight = Parameter(initializer(Normal(sigma=std), shape, dtype), name="weight")
+        if bias_shape is not None:
+            self.bias = Parameter(initializer(Zero(), bias_shape, dtype), name="bias")
+
+
+def load_balancing_loss(router_probs: Tensor, expert_mask: Tensor) -> Tensor:
+    """Switch-style auxiliary loss E * sum_e(f_e * P_e).
+
+    router_probs [M, E] are the softmax scores, expert_mask [M, E] is 1 where a token chose the expert (top-k);
+    f_e is the share of the M*k choices that went to expert e and P_e its mean score. Equals 1 when balanced.
+    """
+    num_experts = router_probs.shape[-1]
+    choices = expert_mask.sum(axis=0) / expert_mask.sum()  # f_e [E]
+    mean_probs = router_probs.mean(axis=0)  # P_e [E]
+    return num_experts * (choices * mean_probs).sum()
+
+
+class TeleChat2MoE(nn.Cell):
+    """Top-k mixture of experts (39B-A12B: 16 experts, top 4, no shared expert).
+
+    Scores = softmax(router(x)) in float32; each token keeps its top-k experts, their weights renormalised to sum
+    to 1 (norm_topk_prob). Dense dispatch: no token is dropped, so `capacity_factor` does not apply on this path.
+    """
+
+    def __init__(self, config: TeleChat2Config) -> None:
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.router = TeleChat2Router(config)
+        self.ffn = TeleChat2Experts(config)
+
+    def construct(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, S, H] -> (out [B, S, H], auxiliary load-balancing loss, a float32 scalar)."""
+        batch, length, hidden = x.shape
+        tokens = x.reshape(-1, hidden)  # [M, H]
+        probs = ops.softmax(self.router(tokens), axis=-1)  # [M, E] float32
+        top_probs, top_experts = ops.topk(probs, self.top_k)  # [M, k]
+        if self.norm_topk_prob:
+            top_probs = top_probs / top_probs.sum(axis=-1, keepdims=True)
+        chosen = ops.one_hot(top_experts, self.num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
+        combine = (chosen * top_probs.expand_dims(-1)).sum(axis=1)  # [M, E], zero outside the top-k
+        expert_out = self.ffn(tokens)  # [E, M, H]
+        out = (expert_out.astype(ms.float32) * combine.T.expand_dims(-1)).sum(axis=0)  # [M, H]
+        aux_loss = load_balancing_loss(probs, chosen.sum(axis=1))
+        return out.astype(x.dtype).reshape(batch, length, hidden), aux_loss
+
+
+class TeleChat2DecoderLayer(nn.Cell):
+    """Pre-norm block: x + attention(norm(x)), then + feed_forward(norm(x))."""
+
+    def __init__(self, config: TeleChat2Config) -> None:
+        super().__init__()
+        self.is_moe = config.is_moe
+        self.attention_norm = TeleChat2RMSNorm(config.hidden_size, config)
+        self.attention = TeleChat2Attention(config)
+        self.ffn_norm = TeleChat2RMSNorm(config.hidden_size, config)
+        self.feed_forward = TeleChat2MoE(config) if config.is_moe else TeleChat2MLP(config)
+
+    def construct(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        past_key: Tensor | None = None,
+        past_value: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """-> (hidden [B, S, H], key [B, K, T, D], value [B, K, T, D], MoE auxiliary loss (0 when dense))."""
+        attn_out, key, value = self.attention(self.attention_norm(x), cos, sin, mask, past_key, past_value)
+        x = x + attn_out
+        if self.is_moe:
+            ffn_out, aux_loss = self.feed_forward(self.ffn_norm(x))
+        else:
+            ffn_out, aux_loss = self.feed_forward(self.ffn_norm(x)), Tensor(0.0, ms.float32)
+        return x + ffn_out, key, value, aux_loss
+
+
+class TeleChat2Model(nn.Cell):
+    """Embedding, decoder layers, final norm. Rotary tables cover `seq_length` positions (dynamic NTK applied)."""
+
+    def __init__(self, config: TeleChat2Config) -> None:
+        super().__init__()
+        self.max_positions = config.seq_length
+        self.tok_embeddings = TeleChat2Embedding(config)
+        self.layers = nn.CellList([TeleChat2DecoderLayer(config) for _ in range(config.num_layers)])
+        self.norm_out = TeleChat2RMSNorm(config.hidden_size, config)
+        base, mscale = dynamic_ntk_base_and_mscale(config.seq_length, config)
+        cos, sin = rotary_cos_sin(config.seq_length, config.head_dim, base, mscale)
+        compute_dtype = _dtype(config.compute_dtype)
+        self.rope_cos = Tensor(cos, compute_dtype)  # [seq_length, D], a constant, not a parameter
+        self.rope_sin = Tensor(sin, compute_dtype)
+
+    def construct(
+        self,
+        input_ids: Tensor,
+        past_key_values: tuple[LayerCache, ...] | None = None,
+        start_pos: int = 0,
+        attention_mask: Tensor | None = None,
+    ) -> tuple[Tensor, tuple[LayerCache, ...], Tensor]:
+        """input_ids [B, S] at positions start_pos.. -> (hidden [B, S, H], new cache per layer, summed aux loss).
+
+        attention_mask [B, T] (1 = real token, 0 = padding) optionally hides padded keys.
+        """
+        length = input_ids.shape[1]
+        key_len = start_pos + length
+        x = self.tok_embeddings(input_ids)
+        cos = self.rope_cos[start_pos:key_len]
+        sin = self.rope_sin[start_pos:key_len]
+        mask = None  # one new token sees every cached one: nothing to hide
+        if length > 1:
+            mask = causal_mask(length, key_len, start_pos).reshape(1, 1, length, key_len)
+        if attention_mask is not None:
+            mask = ops.zeros((1, 1, length, key_len), ms.bool_) if mask is None else mask
+            mask = ops.logical_or(mask, (attention_mask == 0).reshape(-1, 1, 1, key_len))
+        aux_loss = Tensor(0.0, ms.float32)
+        new_cache = ()
+        for index, layer in enumerate(self.layers):
+            if past_key_values is None:
+                x, key, value, layer_aux = layer(x, cos, sin, mask)
+            else:
+                past_key, past_value = past_key_values[index]
+                x, key, value, layer_aux = layer(x, cos, sin, mask, past_key, past_value)
+            new_cache = new_cache + ((key, value),)  # noqa: RUF005 (tuple concatenation compiles in graph mode)
+            aux_loss = aux_loss + layer_aux
+        return self.norm_out(x), new_cache, aux_loss
+
+
+class TeleChat2ForCausalLM(nn.Cell):
+    """TeleChat2 with its (untied, bias-free) language-model head.
+
+    - `construct(input_ids)` -> float32 logits [B, S, V].
+    - `construct(input_ids, labels)` -> training loss: mean cross entropy of input_ids[:, :-1] predicting
+      labels[:, 1:] over tokens that are not padding and not labelled -100, plus aux_loss_factor * MoE aux loss.
+    - `forward(input_ids, past_key_values, start_pos)` -> (logits, cache): incremental decoding (PyNative).
+    """
+
+    def __init__(self, config: TeleChat2Config) -> None:
+        super().__init__()
+        self._build(config)
+
+    def _build(self, config: TeleChat2Config) -> None:
+        """Create the submodules; separate from __init__ so the MindFormers subclass can reuse it."""
+        self.architecture = config
+        self.pad_token_id = config.pad_token_id
+        self.ignore_token_id = config.ignore_token_id
+        self.aux_loss_factor = config.aux_loss_factor if config.is_moe else 0.0
+        self.model = TeleChat2Model(config)
+        self.lm_head = TeleChat2Linear(config.hidden_size, config.vocab_size, False, config)
+
+    def construct(self, input_ids: Tensor, labels: Tensor | None = None) -> Tensor:
+        if labels is None:
+            hidden, _, _ = self.model(input_ids)
+            return self.lm_head(hidden).astype(ms.float32)
+        tokens = input_ids[:, :-1]
+        targets = labels[:, 1:]
+        hidden, _, aux_loss = self.model(tokens)
+        logits = self.lm_head(hidden).astype(ms.float32)  # [B, S-1, V]
+        mask = ops.logical_and(tokens != self.pad_token_id, targets != self.ignore_token_id).astype(ms.float32)
+        safe_targets = ops.select(targets == self.ignore_token_id, ops.zeros_like(targets), targets)
+        log_probs = ops.log_softmax(logits, axis=-1)
+        token_loss = -ops.gather_elements(log_probs, -1, safe_targets.astype(ms.int32).expand_dims(-1)).squeeze(-1)
+        loss = (token_loss * mask).sum() / (mask.sum() + 1e-8)
+        return loss + self.aux_loss_factor * aux_loss
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        past_key_values: tuple[LayerCache, ...] | None = None,
+        start_pos: int = 0,
+        attention_mask: Tensor | None = None,
+        last_only: bool = False,
+    ) -> tuple[Tensor, tuple[LayerCache, ...]]:
+        """Logits [B, S, V] (float32) for input_ids at positions start_pos.., and the cache extended by them.
+
+        `last_only` computes the head for the last position only ([B, 1, V]), all that decoding needs.
+        """
+        if start_pos + input_ids.shape[1] > self.architecture.seq_length:
+            raise ValueError(
+                f"sequence of {start_pos + input_ids.shape[1]} tokens exceeds seq_length "
+                f"{self.architecture.seq_length}; load the model with a larger seq_length"
+            )
+        hidden, cache, _ = self.model(input_ids, past_key_values, start_pos, attention_mask)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.lm_head(hidden).astype(ms.float32), cache

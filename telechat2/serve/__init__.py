@@ -1,0 +1,10 @@
+"""`telechat2 serve`: an HTTP server for TeleChat2 (FastAPI + uvicorn).
+
+Speaks the two dialects TeleChat2's users already call: TGI/MindIE (`/generate`, `/generate_stream`, the seed's
+deployment target) and OpenAI (`/v1/chat/completions`, `/v1/completions`, `/v1/models`), plus Triton-style health
+(`/v2/health/*`) and Prometheus `/metrics`.
+
+Modules: `app` (CLI, app factory, routes), `scheduler` (bounded queue + one generation thread), `engine` (the model
+behind a small interface), `text` (incremental detokenization and stop strings), `schemas`, `metrics`, `auth`.
+Importing the package never imports MindSpore: the engine module imports it only when the real model is loaded.
+"""

@@ -1,0 +1,274 @@
+"""`telechat2 serve`: the app factory and the command line.
+
+The port opens first and the model loads in the background: `/v2/health/live` answers at once, `/v2/health/ready`
+turns 200 only when the weights are in (Kubernetes readiness), and if loading fails the server exits non-zero.
+Business, management (health) and metrics endpoints share one port (MindIE splits them over 1025/1026/1027; one
+port keeps the Service and probes simple). Bearer auth, when configured, guards the business routes only: health
+and /metrics stay open for the kubelet and Prometheus.
+
+Multi-device (model parallel under msrun, NPU only): every rank loads its shard and runs generation in lockstep;
+rank 0 alone serves HTTP (see `telechat2.serve.distributed`). On CPU, one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+from telechat2 import __version__
+from telechat2.serve import openai_api, tgi
+from telechat2.serve.auth import API_KEY_ENV, ApiKeySource
+from telechat2.serve.engine import Engine
+from telechat2.serve.runtime import ServerState, ServeSettings
+from telechat2.serve.schemas import ApiError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 1025  # MindIE's business port, what the seed's clients call
+ModelT = TypeVar("ModelT", bound=BaseModel)
+# Pydantic inserts union members and validator names into error locations; they are not field names.
+_LOC_NOISE = re.compile(r"^(str|int|float|bool|none|list\[.*|dict\[.*|function-.*|[A-Z]\w*)$")
+
+
+def field_name(loc: tuple[Any, ...]) -> str:
+    """('messages', 0, 'content') -> 'messages[0].content'."""
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif not _LOC_NOISE.match(str(part)):
+            name += f".{part}" if name else str(part)
+    return name or "body"
+
+
+def is_openai(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+def error_response(request: Request, error: ApiError) -> JSONResponse:
+    """OpenAI routes answer in OpenAI's error shape (the `openai` client reads it); the others in TGI's."""
+    if is_openai(request):
+        error_type = "invalid_request_error" if error.error_type in ("validation", "invalid_json") else error.error_type
+        content: dict[str, Any] = {
+            "error": {"message": error.message, "type": error_type, "param": error.field, "code": error.status}
+        }
+    else:
+        content = {"error": error.message, "error_type": error.error_type, "field": error.field}
+    return JSONResponse(content, status_code=error.status, headers=error.headers)
+
+
+async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
+    """Read and validate a JSON body; invalid JSON is a 400, a schema violation a 422 (TGI) or 400 (OpenAI)."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"body: invalid JSON ({exc})", "body", error_type="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "body: expected a JSON object", "body")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        field = field_name(tuple(first["loc"]))
+        message = first["msg"].removeprefix("Value error, ")
+        raise ApiError(400 if is_openai(request) else 422, f"{field}: {message}", field) from None
+
+
+def create_app(settings: ServeSettings, load_engine: Callable[[], Engine], sse_ping: int | None = None) -> FastAPI:
+    """The ASGI app; `load_engine` runs on a background thread once the app starts."""
+    state = ServerState(settings, load_engine)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        state.start()
+        try:
+            yield
+        finally:
+            state.stop()
+
+    app = FastAPI(title="telechat2 serve", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.serve = state
+
+    async def require_token(request: Request) -> None:
+        if settings.api_key is not None and not settings.api_key.check(request.headers.get("authorization")):
+            raise ApiError(
+                401,
+                "missing or wrong bearer token (Authorization: Bearer <key>)",
+                "authorization",
+                error_type="authentication_error",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(request, exc)
+
+    app.include_router(tgi.build_router(state, parse_body, require_token, sse_ping))
+    app.include_router(openai_api.build_router(state, parse_body, require_token, sse_ping))
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return Response(status_code=503 if state.load_error else 200)
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        return Response(status_code=200 if state.ready else 503)
+
+    @app.get("/v2/models/{name}/ready")
+    async def model_ready(name: str) -> Response:
+        if name != settings.model_name:
+            return Response(status_code=404)
+        return Response(status_code=200 if state.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = state.metrics.render()
+        return Response(body, media_type=content_type)
+
+    # Outermost, so 401/422/503 answers are counted too.
+    app.add_middleware(_AsgiWrapper, wrap=state.metrics.middleware)
+    return app
+
+
+class _AsgiWrapper:
+    """Adapts a function `app -> app` to Starlette's middleware signature."""
+
+    def __init__(self, app: Any, wrap: Callable[[Any], Any]) -> None:
+        self._app = wrap(app)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self._app(scope, receive, send)
+
+
+@contextmanager
+def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run `app` under uvicorn on a thread (tests, benchmarks, notebooks); yields the base URL.
+
+    port 0 picks a free port; the real one is read back from the bound socket.
+    """
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    bound_port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound_port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+# -- command line -----------------------------------------------------------------------------------------------------
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="predict YAML file, or a model name (telechat2-7b, ...)")
+    parser.add_argument(
+        "--load_checkpoint",
+        "--load-checkpoint",
+        dest="load_checkpoint",
+        help="checkpoint file or directory (default: the config's load_checkpoint)",
+    )
+    parser.add_argument(
+        "--vocab_file",
+        "--vocab-file",
+        dest="vocab_file",
+        help="TeleChat2 tokenizer.model (default: the YAML's processor.tokenizer.vocab_file)",
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"port for the API, health and /metrics (default {DEFAULT_PORT}, MindIE's business port)",
+    )
+    parser.add_argument("--max-seq-len", type=int, default=8192, help="prompt + generated tokens (maxSeqLen)")
+    parser.add_argument(
+        "--max-input-token-len",
+        type=int,
+        default=None,
+        help="prompt tokens (maxInputTokenLen; default 3/4 of --max-seq-len)",
+    )
+    parser.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting behind the running one; more get 503 + Retry-After"
+    )
+    parser.add_argument(
+        "--model-name", default=None, help="name in /v1/models and /v2/models/{name}/ready (default: from --config)"
+    )
+    parser.add_argument(
+        "--api-key-file", default=None, help=f"file holding the bearer token (else env {API_KEY_ENV}; neither: no auth)"
+    )
+    parser.add_argument(
+        "--control-port",
+        type=int,
+        default=None,
+        help="under msrun: rank 0's port for the other ranks (default --port + 1)",
+    )
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    max_input = args.max_input_token_len or args.max_seq_len * 3 // 4
+    model_name = args.model_name or Path(args.config).stem.removeprefix("predict_").replace("_", "-")
+    return ServeSettings(
+        model_name=model_name,
+        max_seq_len=args.max_seq_len,
+        max_input_token_len=max_input,
+        max_queue=args.max_queue,
+        api_key=ApiKeySource.from_args(args.api_key_file),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from telechat2.serve import distributed
+    from telechat2.serve.engine import TeleChat2Engine
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+
+    def load() -> Engine:
+        return TeleChat2Engine.load(args.config, args.load_checkpoint, args.vocab_file, settings.max_seq_len)
+
+    group = distributed.ProcessGroup.from_env(os.environ)
+    control_port = args.control_port or args.port + 1
+    if group.world_size > 1 and group.rank != 0:
+        return distributed.follow(load, group.leader_host, control_port)
+    if group.world_size > 1:
+        log.info("rank 0 of %d: serving HTTP; followers join on port %d", group.world_size, control_port)
+        load = distributed.lead(load, group.world_size, control_port)
+    app = create_app(settings, load)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    state: ServerState = app.state.serve
+
+    def stop_on_failure() -> None:
+        server.should_exit = True
+
+    state.on_load_failure = stop_on_failure
+    server.run()
+    return 1 if state.load_error else 0

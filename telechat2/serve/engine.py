@@ -1,0 +1,113 @@
+"""The model behind the server, as a small interface: ids in, a stream of ids out.
+
+The HTTP layer only needs `Engine`: a tokenizer, default sampling parameters and `stream(...)`. `TeleChat2Engine`
+is the real one (MindSpore model + TeleChat2 tokenizer + `telechat2.generation.stream_generate`); narrow unit tests
+(queue full, disconnects) plug in a slow fake to control timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from telechat2.tokenizer import EOS_ID
+
+_YAML_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks of the generator; field names follow `telechat2.generation.GenerationConfig`.
+
+    Defaults are TeleChat2's published generation defaults (facts file, section 3).
+    """
+
+    do_sample: bool = False
+    temperature: float = 0.3
+    top_k: int = 5
+    top_p: float = 0.85
+    repetition_penalty: float = 1.03
+    max_new_tokens: int = 4096
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = (EOS_ID,)
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        """Copy with the given fields changed; None values mean "keep the default"."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+class Tokenizer(Protocol):
+    special_ids: frozenset[int]
+    special_piece_to_id: dict[str, int]
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str: ...
+
+    def id_to_piece(self, token_id: int) -> str: ...
+
+
+class Engine(Protocol):
+    tokenizer: Tokenizer
+    defaults: SamplingParams
+
+    def stream(self, input_ids: list[int], params: SamplingParams, should_stop: Callable[[], bool]) -> Iterator[int]:
+        """Generated ids one by one; stops early once should_stop() is true. Runs on the generation thread."""
+        ...
+
+
+class TeleChat2Engine:
+    """TeleChat2 on MindSpore: `telechat2.predict.load_model` + `telechat2.generation.stream_generate`."""
+
+    def __init__(self, model: Any, tokenizer: Tokenizer, defaults: SamplingParams | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.defaults = defaults or generation_defaults()
+
+    @classmethod
+    def load(cls, config: str, checkpoint: str | None, vocab_file: str | None, seq_length: int) -> TeleChat2Engine:
+        """Load weights and tokenizer; slow (seconds to minutes), so the server calls it after the port opens.
+
+        Generation defaults: TeleChat2's, overridden by the YAML's model_config keys (as `telechat2 predict`).
+        """
+        from telechat2.predict import load_model, read_run_config
+        from telechat2.tokenizer import TeleChat2Tokenizer
+
+        run_config = read_run_config(config)
+        vocab = vocab_file or ((run_config.get("processor") or {}).get("tokenizer") or {}).get("vocab_file")
+        if not vocab:
+            raise ValueError("no tokenizer: pass --vocab_file or set processor.tokenizer.vocab_file in the YAML")
+        tokenizer = TeleChat2Tokenizer(vocab)
+        model = load_model(config, checkpoint, seq_length=seq_length)
+        model_config = run_config["model"]["model_config"]
+        defaults = generation_defaults().replace(
+            **{f.name: model_config.get(f.name) for f in dataclasses.fields(SamplingParams) if f.name in _YAML_KEYS}
+        )
+        return cls(model, tokenizer, defaults)
+
+    def stream(self, input_ids: list[int], params: SamplingParams, should_stop: Callable[[], bool]) -> Iterator[int]:
+        from telechat2.generation import stream_generate
+
+        return stream_generate(self.model, input_ids, to_generation_config(params), should_stop=should_stop)
+
+
+def generation_defaults() -> SamplingParams:
+    """`GenerationConfig()`'s defaults as SamplingParams, so server and `telechat2 predict` agree."""
+    from telechat2.generation import GenerationConfig
+
+    defaults = dataclasses.asdict(GenerationConfig())
+    names = {f.name for f in dataclasses.fields(SamplingParams)}
+    values = {k: v for k, v in defaults.items() if k in names}
+    if "stop_token_ids" in values:
+        values["stop_token_ids"] = tuple(values["stop_token_ids"] or (EOS_ID,))
+    return SamplingParams(**values)
+
+
+def to_generation_config(params: SamplingParams) -> Any:
+    from telechat2.generation import GenerationConfig
+
+    values = dataclasses.asdict(params)
+    values["stop_token_ids"] = list(params.stop_token_ids)
+    return GenerationConfig(**values)

@@ -1,0 +1,92 @@
+"""Prometheus metrics of the server, in a registry of its own (several apps can live in one test process).
+
+Requests are counted by route template (`/v2/models/{name}/ready`, never the raw path: bounded label values) and
+status; latency runs until the last byte, so a stream's latency is its whole duration. Queue depth and the running
+generation are read at scrape time from the scheduler.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class ServerMetrics:
+    def __init__(self, queue_depth: Callable[[], int], running: Callable[[], int], ready: Callable[[], bool]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "telechat_requests",
+            "HTTP requests by route template, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "telechat_request_duration_seconds",
+            "HTTP request latency until the last byte (streams included)",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("telechat_requests_in_flight", "HTTP requests being served now", registry=r)
+        self.input_tokens = Counter("telechat_input_tokens", "Prompt tokens of accepted requests", registry=r)
+        self.generated_tokens = Counter("telechat_generated_tokens", "Tokens generated", registry=r)
+        self.time_to_first_token = Histogram(
+            "telechat_time_to_first_token_seconds",
+            "From accepting a request to its first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "telechat_queue_wait_seconds",
+            "Time a request waited for the generation thread",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rejected = Counter(
+            "telechat_queue_rejected", "Requests refused with 503 because the queue was full", registry=r
+        )
+        self.cancelled = Counter(
+            "telechat_generations_cancelled", "Generations stopped because the client left", registry=r
+        )
+        Gauge("telechat_queue_depth", "Requests waiting for the generation thread", registry=r).set_function(
+            queue_depth
+        )
+        Gauge("telechat_generation_running", "Generations running now (0 or 1)", registry=r).set_function(running)
+        Gauge("telechat_model_ready", "1 once the model is loaded", registry=r).set_function(lambda: float(ready()))
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def middleware(self, app: Any) -> Any:
+        """Pure ASGI middleware (not BaseHTTPMiddleware, which buffers streams and hides client disconnects)."""
+        metrics = self
+
+        async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            status = {"code": 500}
+            started = time.perf_counter()
+
+            async def send_with_status(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    status["code"] = message["status"]
+                await send(message)
+
+            metrics.in_flight.inc()
+            try:
+                await app(scope, receive, send_with_status)
+            finally:
+                metrics.in_flight.dec()
+                route = scope.get("route")
+                label = getattr(route, "path", None) or "unmatched"
+                metrics.requests.labels(label, scope.get("method", ""), str(status["code"])).inc()
+                metrics.latency.labels(label).observe(time.perf_counter() - started)
+
+        return wrapped

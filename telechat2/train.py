@@ -1,0 +1,178 @@
+"""`telechat2 finetune --config FILE [--resume]`: train TeleChat2 from a rendered MindFormers YAML.
+
+As the seed does (`run_mindformer.py --config ... --run_mode finetune`), training goes through MindFormers'
+`Trainer` with our model registered under the YAML names (`telechat2.register`). The YAML decides everything:
+dataset (`train_dataset.data_loader.dataset_dir`, the MindRecord from `telechat2 preprocess`), `load_checkpoint`,
+`output_dir`, optimizer, lr schedule, epochs and save steps (the CheckpointMonitor callback). MindFormers saves
+per-rank checkpoints under `output_dir/checkpoint/rank_N/` and, for semi-auto parallel layouts, strategy files under
+`output_dir/strategy/`.
+
+`--resume` (or `resume_training: True` in the YAML) continues from the newest complete checkpoint under
+`output_dir/checkpoint` (MindFormers' meta.json records it, per rank), restoring the optimizer state and the step
+counter; with nothing to resume from it says so and stops.
+
+Under `msrun` (see `telechat2 launch`) `use_parallel` is switched on automatically so every worker joins the
+data-parallel group; the same YAML runs on one process or many.
+
+CPU: MindFormers' training step asks the Ascend/GPU float-status registers whether the gradients overflowed. Those
+do not exist on CPU, so `use_portable_overflow_check` replaces that one method with the plain definition (any
+non-finite gradient) when `device_target` is CPU. Nothing else is patched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+# MindFormers' MFLossMonitor: "{ Epoch:[  3/  3], step:[    2/   16], loss:[4.473785/4.48], ..."
+MF_LOSS_LINE = re.compile(r"Epoch:\[\s*(\d+)/\s*\d+\], step:\[\s*(\d+)/\s*(\d+)\], loss:\s*\[?\s*([-+0-9.eE]+|nan|inf)")
+
+
+class FinetuneError(RuntimeError):
+    """A config or resume problem the user must fix; the message names the key or path."""
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="rendered MindFormers YAML (telechat2.configs.render_config)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir/checkpoint"
+    )
+    parser.add_argument("--load_checkpoint", "--load-checkpoint", help="override load_checkpoint of the YAML")
+    parser.add_argument("--train_dataset", "--train-dataset", help="override train_dataset.data_loader.dataset_dir")
+    parser.add_argument("--output_dir", "--output-dir", help="override output_dir of the YAML")
+
+
+# --- the CPU shim ----------------------------------------------------------------------------------------------------
+
+
+def use_portable_overflow_check() -> None:
+    """Make MindFormers' MFTrainOneStepCell detect gradient overflow with portable ops (CPU only).
+
+    `TrainOneStepWithLossScaleCell.get_overflow_status` reads NPU/GPU float-status registers; on CPU it fails to
+    compile. The replacement computes the same answer from the (already all-reduced) gradients: overflow is any
+    non-finite value. Called only when `context.device_target` is CPU.
+    """
+    from mindformers.wrapper.wrapper import MFTrainOneStepCell
+    from mindspore import ops
+
+    if getattr(MFTrainOneStepCell, "_telechat2_portable_overflow", False):
+        return
+    any_non_finite = ops.MultitypeFuncGraph("telechat2_any_non_finite")
+
+    @any_non_finite.register("Tensor")
+    def _tensor_non_finite(grad):
+        return ops.logical_not(ops.isfinite(grad).all())
+
+    def get_overflow_status(self, status, compute_output):
+        flags = self.hyper_map(any_non_finite, compute_output)
+        return ops.stack(flags).any()
+
+    MFTrainOneStepCell.get_overflow_status = get_overflow_status
+    MFTrainOneStepCell._telechat2_portable_overflow = True
+
+
+# --- config ----------------------------------------------------------------------------------------------------------
+
+
+def under_msrun() -> bool:
+    """msrun exports the dynamic-networking variables to its workers (facts file, section 6)."""
+    return bool(os.environ.get("MS_ROLE") and os.environ.get("MS_SCHED_HOST") and os.environ.get("RANK_SIZE"))
+
+
+def load_yaml_config(path: str | Path, args: argparse.Namespace):
+    """The YAML as MindFormers reads it, with the command-line overrides and the checks that name the key."""
+    from mindformers import MindFormerConfig
+
+    if not Path(path).is_file():
+        raise FinetuneError(f"--config {path} does not exist")
+    config = MindFormerConfig(str(path))
+    if args.load_checkpoint is not None:
+        config.load_checkpoint = args.load_checkpoint
+    if args.train_dataset is not None:
+        config.train_dataset.data_loader.dataset_dir = args.train_dataset
+    if args.output_dir is not None:
+        config.output_dir = args.output_dir
+    dataset_dir = config.train_dataset.data_loader.dataset_dir if config.get("train_dataset") else None
+    if not dataset_dir:
+        raise FinetuneError(f"{path}: train_dataset.data_loader.dataset_dir is empty (the MindRecord from preprocess)")
+    if not Path(dataset_dir).exists():
+        raise FinetuneError(f"{path}: train_dataset.data_loader.dataset_dir {dataset_dir} does not exist")
+    config.output_dir = str(Path(config.output_dir or "./output").resolve())
+    if config.load_checkpoint and not Path(config.load_checkpoint).exists():
+        raise FinetuneError(f"{path}: load_checkpoint {config.load_checkpoint} does not exist")
+    if under_msrun():
+        config.use_parallel = True
+    return config
+
+
+def newest_checkpoint(checkpoint_dir: Path, rank: int) -> Path | None:
+    """The checkpoint MindFormers recorded last for this rank (meta.json), else the highest step on disk."""
+    rank_dir = checkpoint_dir / f"rank_{rank}"
+    meta = rank_dir / "meta.json"
+    if meta.is_file():
+        try:
+            name = json.loads(meta.read_text()).get("last_ckpt_file")
+        except json.JSONDecodeError:
+            name = None
+        if name and (rank_dir / name).is_file():
+            return rank_dir / name
+    steps = []
+    for path in rank_dir.glob("*.ckpt"):
+        match = re.search(r"-(\d+)_(\d+)\.ckpt$", path.name)
+        if match:
+            steps.append(((int(match.group(1)), int(match.group(2))), path))
+    return max(steps)[1] if steps else None
+
+
+def prepare_resume(config) -> None:
+    """Point load_checkpoint at output_dir/checkpoint so MindFormers resumes from each rank's newest file."""
+    checkpoint_dir = Path(config.output_dir) / "checkpoint"
+    rank = int(os.environ.get("RANK_ID", "0"))
+    if newest_checkpoint(checkpoint_dir, rank) is None:
+        raise FinetuneError(f"--resume: no checkpoint for rank {rank} under {checkpoint_dir}")
+    config.load_checkpoint = str(checkpoint_dir)
+    config.resume_training = True
+
+
+def read_loss_log(text: str) -> list[tuple[int, float]]:
+    """(global step, loss) pairs from MindFormers' MFLossMonitor lines (steps counted across epochs)."""
+    return [
+        ((int(epoch) - 1) * int(per_epoch) + int(step), float(loss))
+        for epoch, step, per_epoch, loss in MF_LOSS_LINE.findall(text)
+    ]
+
+
+# --- run -------------------------------------------------------------------------------------------------------------
+
+
+def finetune(config) -> None:
+    from mindformers import Trainer
+    from mindformers.core.context import build_context
+
+    from telechat2.register import register_with_mindformers
+
+    register_with_mindformers()
+    if str(config.context.device_target).upper() == "CPU":
+        use_portable_overflow_check()
+    build_context(config)
+    trainer = Trainer(args=config, task="text_generation")
+    trainer.finetune(
+        finetune_checkpoint=config.load_checkpoint or False,
+        resume_training=bool(config.resume_training) or None,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_yaml_config(args.config, args)
+        if args.resume or config.resume_training:
+            prepare_resume(config)
+        finetune(config)
+    except FinetuneError as err:
+        print(f"telechat2 finetune: error: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,216 @@
+"""Benchmark: checkpoint merge vs `cp`, and conversion peak memory, on synthetic checkpoints of more than 1 GB.
+
+    .venv/bin/python tests/bench/bench_checkpoint.py [--workdir DIR] [--out tests/bench/results/checkpoint.md]
+
+Every figure comes from a child process: wall time around it, peak resident memory (RSS high-water mark) from
+`os.wait4`'s rusage (`ru_maxrss`) of exactly that child. Inputs are random float32 tensors; the merge input is a
+4-rank model-parallel run (each weight cut along one axis) with its strategy file in MindSpore's protobuf format, the
+conversion input a Hugging Face-layout safetensors checkpoint. All files live in a temporary directory that is
+deleted at the end. The page cache is warm for every run (inputs were just written), the same for `cp`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from telechat2.checkpoint_io import CkptWriter  # noqa: E402
+from telechat2.config import TeleChat2Config  # noqa: E402
+from telechat2.weights import hf_config_dict, hf_shapes, ms_shapes  # noqa: E402
+
+MP = 4  # model-parallel ranks of the synthetic merge input
+# About 1.7 GB in float32; the largest tensor (embedding or head) is 262 MB.
+BENCH_MODEL = TeleChat2Config(
+    vocab_size=32000, hidden_size=2048, num_layers=6, num_heads=16, n_kv_heads=16, intermediate_size=5504
+)
+
+
+def measure(command: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of one child process; fails loudly if it fails."""
+    started = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.monotonic() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{command} failed: {process.stderr.read().decode()[-2000:]}")
+    process.stderr.close()
+    return wall, usage.ru_maxrss * 1024  # Linux reports KiB
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def write_sharded_run(root: Path) -> Path:
+    """output/strategy/*.ckpt + output/checkpoint/rank_N/*.ckpt of a 4-way model-parallel run."""
+    from mindspore.parallel import Layout
+    from mindspore.train import node_strategy_pb2
+
+    shapes = ms_shapes(BENCH_MODEL)
+    layout = Layout((MP,), ("mp",))
+    strategy = node_strategy_pb2.ParallelStrategyMap()
+    strategy.current_stage = 0
+    item = strategy.parallel_strategy_item.add()
+    item.node_name = "MatMul-op0"
+    item.parallel_strategys.stage = 0
+    item.parallel_strategys.parallel_strategy.add().dim.extend([1, MP])
+    split_axis = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            described, axis = layout("None").to_dict(), None
+        elif name.endswith(("wo.weight", "w2.weight")):
+            described, axis = layout("None", "mp").to_dict(), 1
+        else:
+            described, axis = layout("mp", "None").to_dict(), 0
+        split_axis[name] = axis
+        entry = strategy.parallel_layout_item.add()
+        entry.param_name = name
+        entry.parallel_layouts.dev_matrix.add().dim.extend(described["device_matrix"])
+        entry.parallel_layouts.tensor_map.add().dim.extend(described["tensor_map"])
+        entry.parallel_layouts.param_split_shape.add()
+        entry.parallel_layouts.indices_offset.add()
+    (root / "output" / "strategy").mkdir(parents=True)
+    for rank in range(MP):
+        (root / "output" / "strategy" / f"ckpt_strategy_rank_{rank}.ckpt").write_bytes(strategy.SerializeToString())
+    rng = np.random.default_rng(0)
+    for rank in range(MP):
+        with CkptWriter(root / "output" / "checkpoint" / f"rank_{rank}" / f"telechat_rank_{rank}-1_100.ckpt") as w:
+            for name, shape in shapes.items():
+                local = list(shape)
+                if split_axis[name] is not None:
+                    local[split_axis[name]] //= MP
+                w.write(name, tuple(local), np.float32, [rng.standard_normal(local, dtype=np.float32)])
+    return root / "output"
+
+
+def write_hf_checkpoint(directory: Path) -> Path:
+    """Hugging Face-layout safetensors, one file per layer (plus embeddings/head), and config.json."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    groups: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, shape in hf_shapes(BENCH_MODEL).items():
+        key = name.split(".")[2] if name.startswith("transformer.h.") else name.split(".")[0] + name.split(".")[1]
+        groups.setdefault(key, {})[name] = shape
+    for i, group in enumerate(groups.values()):
+        tensors = {n: rng.standard_normal(s, dtype=np.float32) for n, s in group.items()}
+        save_file(tensors, str(directory / f"model-{i:05d}.safetensors"))
+        del tensors
+    (directory / "config.json").write_text(json.dumps(hf_config_dict(BENCH_MODEL)))
+    return directory
+
+
+def telechat2(*args: str) -> list[str]:
+    return [sys.executable, "-m", "telechat2.cli", *args]
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default=None, help="where the temporary files go (default: system temp)")
+    parser.add_argument("--out", default=str(REPO / "tests" / "bench" / "results" / "checkpoint.md"))
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="telechat2-bench-", dir=args.workdir))
+    rows: list[str] = []
+
+    def row(operation: str, size: int, wall: float, rss: int) -> None:
+        rows.append(f"| {operation} | {gb(size)} | {wall:.2f} s | {size / wall / 1e6:.0f} MB/s | {gb(rss)} |")
+        print(rows[-1], flush=True)
+
+    try:
+        print("writing the sharded run ...", flush=True)
+        output = write_sharded_run(work / "merge")
+        shard_bytes = tree_bytes(output / "checkpoint")
+        row(
+            f"`cp -r` of the {MP} shards",
+            shard_bytes,
+            *measure(["cp", "-r", str(output / "checkpoint"), str(work / "c")]),
+        )
+        shutil.rmtree(work / "c")
+        merge_cmd = telechat2(
+            *("merge", "--src_ckpt_strategy", str(output / "strategy"), "--src_ckpt_dir", str(output / "checkpoint")),
+            *("--dst_ckpt_dir", str(work / "merge" / "merged"), "--prefix", "bench"),
+        )
+        row(f"`telechat2 merge`, {MP} model-parallel shards + strategy", shard_bytes, *measure(merge_cmd))
+        shutil.rmtree(work / "merge")
+
+        print("writing the Hugging Face checkpoint ...", flush=True)
+        hf = write_hf_checkpoint(work / "hf")
+        hf_bytes = tree_bytes(hf)
+        largest = max(int(np.prod(s)) * 4 for s in hf_shapes(BENCH_MODEL).values())
+        row("`cp -r` of the safetensors", hf_bytes, *measure(["cp", "-r", str(hf), str(work / "c")]))
+        shutil.rmtree(work / "c")
+        convert_cmd = telechat2("convert", "--torch_path", str(hf), "--mindspore_path", str(work / "ms.ckpt"))
+        row("`telechat2 convert` (HF -> MindSpore)", hf_bytes, *measure(convert_cmd))
+        shutil.rmtree(hf)
+        reverse_cmd = telechat2(
+            *("convert-reversed", "--mindspore_path", str(work / "ms.ckpt"), "--torch_path", str(work / "back")),
+            *("--config_json", str(write_config(work))),
+        )
+        row("`telechat2 convert-reversed` (MindSpore -> HF)", hf_bytes, *measure(reverse_cmd))
+        shutil.rmtree(work / "back")
+
+        dp = work / "dp"  # two data-parallel replicas (hard links: the same bytes, no extra disk)
+        for rank in (0, 1):
+            (dp / f"rank_{rank}").mkdir(parents=True)
+            os.link(work / "ms.ckpt", dp / f"rank_{rank}" / f"telechat_rank_{rank}-1_100.ckpt")
+        dp_bytes = tree_bytes(dp)
+        row("`cp -r` of the 2 replicas", dp_bytes, *measure(["cp", "-r", str(dp), str(work / "c")]))
+        shutil.rmtree(work / "c")
+        dp_cmd = telechat2("merge", "--src_ckpt_dir", str(dp), "--dst_ckpt_dir", str(work / "dp_merged"))
+        row("`telechat2 merge`, 2 data-parallel replicas (compared, rank 0 copied)", dp_bytes, *measure(dp_cmd))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    report = render(rows, largest)
+    Path(args.out).write_text(report)
+    print(report)
+    return 0
+
+
+def write_config(work: Path) -> Path:
+    import json
+
+    path = work / "config.json"
+    path.write_text(json.dumps(hf_config_dict(BENCH_MODEL)))
+    return path
+
+
+def render(rows: list[str], largest: int) -> str:
+    return "\n".join(
+        [
+            "# Checkpoint benchmarks: merge and conversion",
+            "",
+            f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs while measured), "
+            f"Python {platform.python_version()}. Produced by `tests/bench/bench_checkpoint.py`.",
+            "",
+            "| operation | input | wall time | throughput | peak RSS |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Largest single tensor of the conversion model: {gb(largest)}.",
+            "",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""`python -m tests.cluster {build,up,down,status}`: the local cluster by hand (run from the repo root)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from tests.cluster import procs
+from tests.cluster.build import ensure_built
+from tests.cluster.controlplane import DEFAULT_STATE_DIR, LocalCluster, memory_report
+from tests.cluster.errors import ClusterError
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _build(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    binaries = ensure_built(log=_log)
+    for name, path in binaries.items():
+        print(f"{name}: {path}")
+    _log(f"build: done in {time.monotonic() - started:.1f}s")
+    return 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _up(args: argparse.Namespace) -> int:
+    binaries = ensure_built(log=_log)
+    # Detached: the components outlive this command (no parent-death signal); `down` stops them via the pidfile.
+    cluster = LocalCluster(args.state_dir, nodes=args.nodes, die_with_parent=False, log=_log)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # so an interrupted `up` still stops what it started
+    cluster.start(binaries)
+    _log(f"cluster up in {cluster.timings['total']:.1f}s ({args.nodes} fake Ascend nodes); logs: {cluster.logs_dir}")
+    print(f"export KUBECONFIG={cluster.kubeconfig}")
+    print(f"export PATH={cluster.bin_dir}:$PATH")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    stopped = procs.reap(args.state_dir.resolve() / "pids.json", _log, what="")
+    _log(f"stopped {stopped} process(es)")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    state_dir = args.state_dir.resolve()
+    report = memory_report(state_dir / "pids.json")
+    if not report:
+        print(f"no cluster recorded in {state_dir}")
+        return 1
+    total = 0
+    for name, pid, rss in report:
+        if rss is None:
+            print(f"{name:<25} pid {pid:<8} NOT RUNNING")
+        else:
+            total += rss
+            print(f"{name:<25} pid {pid:<8} RSS {rss / 1024:7.1f} MiB")
+    print(f"{'total':<25} {'':<12} RSS {total / 1024:7.1f} MiB")
+    state_file = state_dir / "cluster.json"
+    if state_file.exists():
+        state = json.loads(state_file.read_text())
+        print(f"kubeconfig: {state['kubeconfig']}")
+    return 0 if all(rss is not None for _, _, rss in report) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.cluster", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("build", help="build (or find cached) etcd, Kubernetes, kwok and helm binaries")
+    up = commands.add_parser("up", help="start the cluster detached and print the KUBECONFIG to export")
+    up.add_argument("--nodes", type=int, default=4, help="number of fake Ascend nodes (default 4)")
+    for command in (up, commands.add_parser("down", help="stop it"), commands.add_parser("status", help="show it")):
+        command.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="default: .cluster/ in the repo")
+    args = parser.parse_args(argv)
+    handler = {"build": _build, "up": _up, "down": _down, "status": _status}[args.command]
+    try:
+        return handler(args)
+    except ClusterError as error:
+        _log(f"error: {error}")
+        return 1
+    except KeyboardInterrupt:
+        _log("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

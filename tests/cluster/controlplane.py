@@ -1,0 +1,279 @@
+"""The running local cluster: start the components in order, wait for each to be ready, stop them all.
+
+State dir layout (default `.cluster/` in the repo): `kubeconfig` (admin), `bin/` (links to the cached binaries),
+`logs/<component>.log`, `pki/`, `kubeconfigs/`, `etcd-data/`, `kwok/`, `pids.json`, `cluster.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.cluster import pki as pki_module
+from tests.cluster import procs, render
+from tests.cluster.build import link_bin_dir
+from tests.cluster.errors import ClusterError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_STATE_DIR = REPO_ROOT / ".cluster"
+MANIFESTS_DIR = Path(__file__).resolve().parent / "manifests"
+READY_TIMEOUT = float(os.environ.get("TELECHAT_CLUSTER_READY_TIMEOUT", "180"))
+# Entries of a state dir that a fresh start replaces; nothing else in the directory is ever deleted.
+_STATE_ENTRIES = ("etcd-data", "pki", "kubeconfigs", "kwok", "logs", "kubeconfig", "cluster.json", "nodes.yaml")
+# Stop order: clients first, etcd last.
+_STOP_ORDER = ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
+
+
+class ClusterHandle:
+    """What tests and scripts use: a kubeconfig, the binaries, a client and a kubectl helper."""
+
+    def __init__(self, kubeconfig: Path, bin_dir: Path, state_dir: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.bin_dir = bin_dir
+        self.state_dir = state_dir
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run kubectl against this cluster; on failure (with check) raise naming the command and its stderr."""
+        command = [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args]
+        result = subprocess.run(command, input=input, capture_output=True, text=True, timeout=timeout, check=False)
+        if check and result.returncode != 0:
+            raise ClusterError("kubectl", f"`kubectl {' '.join(args)}` failed: {result.stderr.strip()}")
+        return result
+
+    def api_client(self) -> Any:
+        """A kubernetes.client.ApiClient for this cluster (imported lazily: only tests need the package)."""
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+
+class LocalCluster(ClusterHandle):
+    """A control plane this process starts (and therefore must stop)."""
+
+    def __init__(
+        self,
+        state_dir: Path = DEFAULT_STATE_DIR,
+        nodes: int = 4,
+        die_with_parent: bool = False,
+        log: Callable[[str], None] = lambda message: None,
+    ) -> None:
+        state_dir = state_dir.resolve()
+        super().__init__(state_dir / "kubeconfig", state_dir / "bin", state_dir)
+        self.node_count = nodes
+        self.die_with_parent = die_with_parent
+        self.log = log
+        self.logs_dir = state_dir / "logs"
+        self.pidfile = state_dir / "pids.json"
+        self.processes: list[procs.ManagedProcess] = []
+        self.timings: dict[str, float] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self, binaries: dict[str, Path]) -> None:
+        """Bring the whole cluster up, or raise ClusterError with nothing left running."""
+        started = time.monotonic()
+        try:
+            self._start(binaries, started)
+        except BaseException:
+            self.stop()
+            raise
+        self.timings["total"] = time.monotonic() - started
+
+    def stop(self) -> None:
+        order = {name: index for index, name in enumerate(_STOP_ORDER)}
+        running = sorted(self.processes, key=lambda process: order.get(process.name, -1))
+        for process in running:
+            procs.terminate([process])
+        self.processes = []
+        self.pidfile.unlink(missing_ok=True)
+
+    def _start(self, binaries: dict[str, Path], started: float) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        procs.reap(self.pidfile, self.log)
+        for entry in _STATE_ENTRIES:
+            path = self.state_dir / entry
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        link_bin_dir(self.bin_dir, binaries)
+
+        ports = render.Ports.from_list(render.free_ports(render.PORT_COUNT))
+        advertise = render.choose_advertise_address(_read("/proc/net/route"), _read("/proc/net/fib_trie"))
+        pki_dir = self.state_dir / "pki"
+        serving_ips = ["127.0.0.1", render.service_ip()] + ([advertise] if advertise else [])
+        serving_dns = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"]
+        serving_dns.append("kubernetes.default.svc.cluster.local")
+        pki_module.write_pki(pki_dir, sorted(set(serving_ips)), serving_dns)
+        server = f"https://127.0.0.1:{ports.apiserver}"
+        kubeconfigs = self._write_kubeconfigs(pki_dir, server)
+
+        kwok_dir = self.state_dir / "kwok"
+        (kwok_dir / "workdir").mkdir(parents=True)
+        kwok_config = kwok_dir / "kwok.yaml"
+        kwok_config.write_text(render.render_yaml_documents(render.kwok_config_documents()))
+        nodes_file = self.state_dir / "nodes.yaml"
+        nodes_file.write_text(render.render_yaml_documents(render.fake_nodes(self.node_count)))
+
+        self._launch("etcd", render.etcd_command(binaries["etcd"], self.state_dir / "etcd-data", ports))
+        self._wait_http("etcd", f"http://127.0.0.1:{ports.etcd_client}/health", None, started)
+
+        apiserver_cmd = render.apiserver_command(
+            binaries["kube-apiserver"], pki_dir, ports, advertise, self.state_dir / "pki" / "generated"
+        )
+        self._launch("kube-apiserver", apiserver_cmd)
+        admin_tls = ssl.create_default_context(cafile=str(pki_dir / "ca.crt"))
+        admin_tls.load_cert_chain(str(pki_dir / "admin.crt"), str(pki_dir / "admin.key"))
+        self._wait_http("kube-apiserver", f"{server}/readyz", admin_tls, started)
+
+        insecure = ssl.create_default_context()
+        insecure.check_hostname = False
+        insecure.verify_mode = ssl.CERT_NONE  # their serving certs are self-signed in memory; only health is read
+        cm_cmd = render.controller_manager_command(
+            binaries["kube-controller-manager"], pki_dir, kubeconfigs["kube-controller-manager"], ports
+        )
+        self._launch("kube-controller-manager", cm_cmd)
+        scheduler_cmd = render.scheduler_command(binaries["kube-scheduler"], kubeconfigs["kube-scheduler"], ports)
+        self._launch("kube-scheduler", scheduler_cmd)
+        kwok_env = {**os.environ, "KWOK_WORKDIR": str(kwok_dir / "workdir")}  # never read ~/.kwok/kwok.yaml
+        self._launch("kwok", render.kwok_command(binaries["kwok"], kubeconfigs["kwok"], kwok_config, ports), kwok_env)
+        local = "https://127.0.0.1"
+        self._wait_http("kube-controller-manager", f"{local}:{ports.controller_manager}/healthz", insecure, started)
+        self._wait_http("kube-scheduler", f"{local}:{ports.scheduler}/healthz", insecure, started)
+        self._wait_http("kwok", f"http://127.0.0.1:{ports.kwok}/healthz", None, started)
+
+        manifests = sorted(MANIFESTS_DIR.glob("*.yaml"))
+        if manifests:
+            self.kubectl("apply", "--server-side", *(f"--filename={path}" for path in manifests))
+            # Established before anyone is told the cluster is up: a test may create a PodGroup right away.
+            self.kubectl("wait", "--for=condition=Established", "customresourcedefinitions", "--all", "--timeout=60s")
+        self.kubectl("apply", "--server-side", f"--filename={nodes_file}")
+        self._wait_until("kwok", "fake nodes Ready", self._fake_nodes_ready, started)
+        self._wait_until(
+            "kube-controller-manager", "the `default` ServiceAccount", self._default_service_account, started
+        )
+        self._write_state(ports, advertise)
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    def _write_kubeconfigs(self, pki_dir: Path, server: str) -> dict[str, Path]:
+        ca_pem = (pki_dir / "ca.crt").read_bytes()
+        directory = self.state_dir / "kubeconfigs"
+        directory.mkdir()
+        paths: dict[str, Path] = {}
+        for name in pki_module.CLIENT_IDENTITIES:
+            config = render.kubeconfig(
+                server, ca_pem, (pki_dir / f"{name}.crt").read_bytes(), (pki_dir / f"{name}.key").read_bytes(), name
+            )
+            path = self.kubeconfig if name == "admin" else directory / f"{name}.kubeconfig"
+            _write_private(path, yaml.safe_dump(config, sort_keys=False))
+            paths[name] = path
+        return paths
+
+    def _launch(self, name: str, command: list[str], env: dict[str, str] | None = None) -> None:
+        self.log(f"starting {name}")
+        process = procs.start_process(
+            name, command, self.logs_dir / f"{name}.log", env=env, die_with_parent=self.die_with_parent
+        )
+        self.processes.append(process)
+        procs.write_pidfile(self.pidfile, self.processes)
+
+    def _process(self, name: str) -> procs.ManagedProcess:
+        return next(process for process in self.processes if process.name == name)
+
+    def _wait_until(self, component: str, what: str, probe: Callable[[], bool], started: float) -> None:
+        """Poll `probe` until true; fail fast if a process died, fail at the deadline naming `component`."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            for process in self.processes:
+                if not process.alive():
+                    code = process.exit_code()
+                    raise ClusterError(
+                        process.name,
+                        f"exited (code {code}) while waiting for {what}; last log lines:\n"
+                        f"{procs.tail(process.log_path)}\n",
+                        process.log_path,
+                    )
+            if probe():
+                self.timings[component if what == "ready" else what] = time.monotonic() - started
+                self.log(f"{component}: {what} after {time.monotonic() - started:.1f}s")
+                return
+            if time.monotonic() > deadline:
+                log_path = self.logs_dir / f"{component}.log"
+                raise ClusterError(
+                    component,
+                    f"not {what} within {READY_TIMEOUT:.0f}s; last log lines:\n{procs.tail(log_path)}\n",
+                    log_path,
+                )
+            time.sleep(0.25)
+
+    def _wait_http(self, component: str, url: str, tls: ssl.SSLContext | None, started: float) -> None:
+        def probe() -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=5, context=tls) as response:
+                    return response.status == 200
+            except (urllib.error.URLError, OSError, ssl.SSLError):
+                return False
+
+        self._wait_until(component, "ready", probe, started)
+
+    def _fake_nodes_ready(self) -> bool:
+        result = self.kubectl("get", "nodes", "--output=json", check=False)
+        if result.returncode != 0:
+            return False
+        ready = 0
+        for node in json.loads(result.stdout)["items"]:
+            conditions = node.get("status", {}).get("conditions", [])
+            if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+                ready += 1
+        return ready >= self.node_count
+
+    def _default_service_account(self) -> bool:
+        return self.kubectl("get", "serviceaccount", "default", "--namespace=default", check=False).returncode == 0
+
+    def _write_state(self, ports: render.Ports, advertise: str | None) -> None:
+        state = {
+            "kubeconfig": str(self.kubeconfig),
+            "bin_dir": str(self.bin_dir),
+            "nodes": self.node_count,
+            "ports": ports.__dict__,
+            "advertise_address": advertise,
+            "ready_seconds": {name: round(seconds, 2) for name, seconds in self.timings.items()},
+        }
+        _write_private(self.state_dir / "cluster.json", json.dumps(state, indent=2) + "\n")
+
+
+def memory_report(pidfile: Path) -> list[tuple[str, int, int | None]]:
+    """(component, pid, RSS in KiB or None when not running) for each recorded process."""
+    return [
+        (process.name, process.pid, procs.rss_kib(process.pid) if process.alive() else None)
+        for process in procs.read_pidfile(pidfile)
+    ]
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file holding keys: owner-only, and atomically."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text)
+    temporary.chmod(0o600)
+    os.replace(temporary, path)

@@ -1,0 +1,182 @@
+"""Starting and stopping the control-plane processes so that none outlives its cluster.
+
+Each component runs in its own process group (its own session), and the pids are recorded in a pidfile in the
+state dir, with each process's start time so a recycled pid is never mistaken for ours. Three layers stop them:
+`stop()` (normal end), PR_SET_PDEATHSIG (the pytest process died without cleaning up) and `reap()` (a previous
+run of the same state dir left something behind: killed with SIGKILL, a detached `up` never stopped...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the kernel SIGKILLs this child when the process that started it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def process_start_time(pid: int) -> str | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot), or None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its closing parenthesis.
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[19]
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    pid: int
+    start_time: str
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        current = process_start_time(self.pid)
+        if current is None or current != self.start_time:
+            return False
+        return Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+    def exit_code(self) -> int | None:
+        return self.popen.poll() if self.popen is not None else None
+
+
+def start_process(
+    name: str,
+    command: list[str],
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    die_with_parent: bool = False,
+) -> ManagedProcess:
+    """Start `command` in its own session with stdout+stderr appended to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log_file:
+        log_file.write(f"$ {' '.join(command)}\n".encode())
+        log_file.flush()
+        popen = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else None,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if die_with_parent else None,  # no threads run while starting
+        )
+    start_time = process_start_time(popen.pid) or ""
+    return ManagedProcess(name, popen.pid, start_time, log_path, popen)
+
+
+def terminate(processes: list[ManagedProcess], timeout: float = 10.0) -> None:
+    """SIGTERM each process group, wait up to `timeout`, then SIGKILL whatever is left."""
+    for process in processes:
+        if process.alive():
+            _signal_group(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        while process.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if process.alive():
+            _signal_group(process.pid, signal.SIGKILL)
+    for process in processes:
+        _signal_group(process.pid, signal.SIGKILL)  # children that ignored SIGTERM
+        if process.popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.popen.wait(timeout=5)
+        else:
+            _wait_gone(process, 5.0)
+
+
+def _wait_gone(process: ManagedProcess, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while process.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def write_pidfile(path: Path, processes: list[ManagedProcess]) -> None:
+    """Record the processes and their owner, this process (atomically: a reader never sees half a file)."""
+    records = [
+        {"name": process.name, "pid": process.pid, "start_time": process.start_time, "log": str(process.log_path)}
+        for process in processes
+    ]
+    owner = {"pid": os.getpid(), "start_time": process_start_time(os.getpid())}
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps({"owner": owner, "processes": records}, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def _load_pidfile(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # absent or unreadable: it protects nothing, and ports are fresh on every start anyway
+    return data if isinstance(data, dict) else {}
+
+
+def read_pidfile(path: Path) -> list[ManagedProcess]:
+    return [
+        ManagedProcess(record["name"], int(record["pid"]), str(record["start_time"]), Path(record["log"]))
+        for record in _load_pidfile(path).get("processes", [])
+    ]
+
+
+def owner_alive(path: Path) -> bool:
+    """True while the process that wrote `path` still runs (a pytest session, or an `up` still starting)."""
+    owner = _load_pidfile(path).get("owner") or {}
+    pid = owner.get("pid")
+    return pid is not None and process_start_time(int(pid)) == owner.get("start_time")
+
+
+def reap(pidfile: Path, log: Callable[[str], None] = lambda message: None, what: str = "leftover ") -> int:
+    """Stop every still-running process recorded in `pidfile`, newest first; returns how many were stopped.
+
+    Newest first because the start order is the dependency order: stopping etcd under a running API server
+    makes the API server's shutdown wait for storage that is gone.
+    """
+    leftovers = [process for process in reversed(read_pidfile(pidfile)) if process.alive()]
+    for process in leftovers:
+        log(f"stopping {what}{process.name} (pid {process.pid})")
+        terminate([process])
+    pidfile.unlink(missing_ok=True)
+    return len(leftovers)
+
+
+def rss_kib(pid: int) -> int | None:
+    """Resident set size from /proc/<pid>/status, in KiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])

@@ -1,0 +1,227 @@
+"""TeleChatFinetune end to end: the real operator, apiserver, scheduler and garbage collector; kwok plays the pods.
+
+kwok never runs a container: a test ends a pod by annotating it (`telechat.io/fake-phase`, `fake-exit-code`),
+standing in for the training process exiting.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.controlplane import ClusterHandle
+from tests.e2e.conftest import wait_for
+from tests.e2e.finetune_harness import Jobs, OperatorProcess, condition, install, service_account_kubeconfig
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    install(cluster)
+    workdir = tmp_path_factory.mktemp("operator")
+    process = OperatorProcess(service_account_kubeconfig(cluster, workdir / "kubeconfig"), workdir / "operator.log")
+    process.start()
+    yield process
+    process.stop()
+    print(f"operator log tail:\n{process.log_tail()}")
+
+
+@pytest.fixture
+def jobs(cluster: ClusterHandle, namespace: str, operator: OperatorProcess) -> Jobs:
+    return Jobs(cluster, namespace)
+
+
+def command_of(pod: dict) -> list[str]:
+    return pod["spec"]["containers"][0]["command"]
+
+
+def test_a_job_runs_from_apply_to_a_merged_checkpoint(jobs: Jobs, cluster: ClusterHandle) -> None:
+    applied = jobs.apply("tiny", merge={"prefix": "tiny"})
+    ranks = jobs.wait_pods("tiny", 2, "Running")
+    status = jobs.wait_state("tiny", "Running")
+    assert (status["nodes"], status["npus"], status["attempt"], status["restarts"]) == (2, 2, 1, 0)
+    assert condition(status, "Created")["status"] == "True" and condition(status, "Running")["status"] == "True"
+    assert condition(status, "Running")["observedGeneration"] == 1
+
+    # Placed by the real scheduler onto fake Ascend nodes, one NPU each, with the launch command.
+    for pod in ranks:
+        node = json.loads(cluster.kubectl("get", "node", pod["spec"]["nodeName"], "--output=json").stdout)
+        assert int(node["status"]["allocatable"]["huawei.com/Ascend910"]) >= 1
+        assert pod["spec"]["containers"][0]["resources"]["limits"]["huawei.com/Ascend910"] == "1"
+    rank1 = next(p for p in ranks if p["metadata"]["labels"]["telechat.io/node-rank"] == "1")
+    assert command_of(rank1)[:8] == [
+        "telechat2",
+        "launch",
+        "--worker_num",
+        "2",
+        "--local_worker_num",
+        "1",
+        "--node_rank",
+        "1",
+    ]
+    assert f"tiny-rank-0.tiny-ranks.{jobs.namespace}.svc" in command_of(rank1)
+    service = json.loads(jobs.kubectl("get", "service", "tiny-ranks", "--output=json").stdout)
+    assert service["spec"]["clusterIP"] == "None"
+    config = json.loads(jobs.kubectl("get", "configmap", "tiny-config", "--output=json").stdout)
+    assert "data_parallel: 2" in config["data"]["config.yaml"]
+
+    jobs.set_phase(ranks, "Succeeded")
+    jobs.wait_state("tiny", "Merging")
+    (merger,) = jobs.wait_pods("tiny", 1, "Running", role="merge")
+    container = merger["spec"]["containers"][0]
+    assert "huawei.com/Ascend910" not in json.dumps(container.get("resources", {}))
+    assert container["command"][:2] == ["telechat2", "merge"] and container["command"][-1] == "tiny"
+    jobs.set_phase([merger], "Succeeded")
+
+    jobs.kubectl("wait", "--for=condition=Succeeded", "--timeout=30s", "telechatfinetune/tiny")
+    final = jobs.get("tiny")
+    assert final["status"]["state"] == "Succeeded"
+    assert final["status"]["checkpoint"] == "/mnt/telechat/output/tiny/merged/rank_0/tiny0.ckpt"
+    assert final["status"]["completionTime"] and final["status"]["startTime"]
+    assert final["spec"]["merge"]["prefix"] == applied["spec"]["merge"]["prefix"]
+    assert final["metadata"]["generation"] == 1, "the operator must never write spec"
+    assert {"PodsCreated", "Running", "Merging", "JobSucceeded"} <= set(jobs.events("tiny"))
+    printed = jobs.kubectl("get", "tcft", "tiny").stdout
+    assert "telechat2-tiny" in printed and "Succeeded" in printed
+
+
+def test_retryable_failures_restart_the_group_until_the_backoff_limit(jobs: Jobs) -> None:
+    jobs.apply("retry", runPolicy={"backoffLimit": 2})
+    for attempt in (1, 2, 3):
+        ranks = jobs.wait_pods("retry", 2, "Running", attempt=attempt)
+        assert all(("--resume" in command_of(p)) == (attempt > 1) for p in ranks)
+        if attempt > 1:  # the failed group is torn down before the next one starts
+            assert {p["metadata"]["labels"]["telechat.io/attempt"] for p in jobs.pods("retry")} == {str(attempt)}
+        rank1 = [p for p in ranks if p["metadata"]["labels"]["telechat.io/node-rank"] == "1"]
+        jobs.set_phase(rank1, "Failed", exit_code=137)
+        if attempt < 3:
+            status = wait_for(
+                lambda a=attempt: (s := jobs.status("retry")).get("restarts") == a and s, f"restart {attempt}"
+            )
+            assert status["lastFailure"]["exitCode"] == 137
+    status = jobs.wait_state("retry", "Failed")
+    assert condition(status, "Failed")["reason"] == "BackoffLimitExceeded"
+    assert status["restarts"] == 2
+    assert "Restarting" in jobs.events("retry")
+
+
+def test_exit_code_1_fails_at_once(jobs: Jobs) -> None:
+    jobs.apply("bug")
+    ranks = jobs.wait_pods("bug", 2, "Running")
+    jobs.set_phase(ranks[:1], "Failed", exit_code=1)
+    status = jobs.wait_state("bug", "Failed")
+    assert condition(status, "Failed")["reason"] == "NonRetryableExitCode"
+    assert status["restarts"] == 0
+    failed = ranks[0]["metadata"]["name"]
+    # The surviving rank is stopped; the failed one is kept for `kubectl logs`.
+    wait_for(lambda: [p["metadata"]["name"] for p in jobs.pods("bug")] == [failed] or None, "only the failed pod left")
+
+
+def test_a_deleted_rank_pod_restarts_the_group(jobs: Jobs) -> None:
+    jobs.apply("lost")
+    ranks = jobs.wait_pods("lost", 2, "Running")
+    jobs.kubectl("delete", "pod", ranks[0]["metadata"]["name"], "--wait=false")
+    jobs.wait_pods("lost", 2, "Running", attempt=2)
+    status = jobs.wait_state("lost", "Running")
+    assert status["restarts"] == 1 and status["lastFailure"]["reason"] == "PodDeleted"
+
+
+def test_suspend_removes_the_pods_and_resume_continues_from_the_checkpoint(jobs: Jobs) -> None:
+    jobs.apply("pause")
+    jobs.wait_pods("pause", 2, "Running")
+    jobs.patch_spec("pause", {"runPolicy": {"suspend": True}})
+    status = jobs.wait_state("pause", "Suspended")
+    assert condition(status, "Suspended")["status"] == "True"
+    wait_for(lambda: not jobs.pods("pause") or None, "the suspended job's pods to be removed")
+    jobs.patch_spec("pause", {"runPolicy": {"suspend": False}})
+    ranks = jobs.wait_pods("pause", 2, "Running", attempt=2)
+    assert all("--resume" in command_of(p) for p in ranks)
+    status = jobs.wait_state("pause", "Running")
+    assert condition(status, "Suspended")["status"] == "False" and status["restarts"] == 0
+    assert condition(status, "Suspended")["observedGeneration"] == 3
+
+
+def test_active_deadline_fails_the_job(jobs: Jobs) -> None:
+    jobs.apply("slow", runPolicy={"activeDeadlineSeconds": 3})
+    jobs.wait_pods("slow", 2, "Running")
+    status = jobs.wait_state("slow", "Failed", timeout=30)
+    assert condition(status, "Failed")["reason"] == "DeadlineExceeded"
+    wait_for(lambda: not jobs.pods("slow") or None, "the running pods to be stopped")
+
+
+def test_ttl_removes_finished_pods_but_keeps_the_job(jobs: Jobs) -> None:
+    jobs.apply("short", merge={"enabled": False}, runPolicy={"ttlSecondsAfterFinished": 1})
+    jobs.set_phase(jobs.wait_pods("short", 2, "Running"), "Succeeded")
+    status = jobs.wait_state("short", "Succeeded")
+    assert status["checkpoint"] == "/mnt/telechat/output/short/checkpoint"
+    wait_for(lambda: not jobs.pods("short") or None, "finished pods removed after ttlSecondsAfterFinished")
+    assert jobs.status("short")["state"] == "Succeeded"
+
+
+def test_a_layout_that_does_not_fit_fails_with_invalid_spec_naming_the_field(jobs: Jobs) -> None:
+    jobs.apply("misfit", parallel=None)  # telechat2-tiny's default layout is 1 device, the job asks for 2
+    status = jobs.wait_state("misfit", "Failed")
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "InvalidSpec" and failed["message"].startswith("spec.parallel")
+    assert not jobs.pods("misfit")
+
+
+def test_volcano_gang_scheduling_creates_a_pod_group(jobs: Jobs) -> None:
+    jobs.apply("gang", nodes=3, schedulerName="volcano")
+    group = wait_for(
+        lambda: json.loads(jobs.kubectl("get", "podgroups.scheduling.volcano.sh", "--output=json").stdout)["items"],
+        "the PodGroup",
+    )[0]
+    assert group["metadata"]["name"] == "gang" and group["spec"]["minMember"] == 3
+    assert group["metadata"]["ownerReferences"][0]["name"] == "gang"
+    pods = wait_for(lambda: len(p := jobs.pods("gang")) == 3 and p, "the rank pods")
+    for pod in pods:  # no Volcano scheduler runs here: the pods stay Pending, but carry the group
+        assert pod["metadata"]["annotations"]["scheduling.k8s.io/group-name"] == "gang"
+        assert pod["spec"]["schedulerName"] == "volcano"
+
+
+def test_the_operator_killed_mid_job_resumes_without_duplicates(jobs: Jobs, operator: OperatorProcess) -> None:
+    jobs.apply("sturdy", nodes=4)
+    wait_for(lambda: jobs.pods("sturdy") or None, "the first rank pod", interval=0.02)
+    operator.kill()  # possibly in the middle of creating the group
+    operator.start()
+    ranks = jobs.wait_pods("sturdy", 4, "Running")
+    names = sorted(p["metadata"]["name"] for p in jobs.pods("sturdy"))
+    assert names == [f"sturdy-a1-rank-{r}" for r in range(4)], "no duplicate or extra pods"
+    status = jobs.wait_state("sturdy", "Running")
+    assert (status["attempt"], status["restarts"]) == (1, 0)
+
+    jobs.set_phase(ranks, "Succeeded")
+    jobs.wait_state("sturdy", "Merging")
+    operator.kill()
+    operator.start()
+    (merger,) = jobs.wait_pods("sturdy", 1, "Running", role="merge")
+    jobs.set_phase([merger], "Succeeded")
+    status = jobs.wait_state("sturdy", "Succeeded")
+    assert (status["attempt"], status["restarts"], status["mergeAttempt"]) == (1, 0, 1)
+    assert len(jobs.pods("sturdy", role="merge")) == 1
+
+
+def test_health_and_metrics_endpoints(jobs: Jobs, operator: OperatorProcess) -> None:
+    assert operator.healthy()
+    text = operator.metrics()
+    for name in (
+        "telechat_operator_jobs{",
+        "telechat_operator_reconcile_duration_seconds_bucket",
+        "telechat_operator_api_requests_total",
+    ):
+        assert name in text, name
+
+
+def test_operator_log_is_free_of_errors(operator: OperatorProcess) -> None:
+    """Runs last in this module: no reconcile raised and no request was refused (e.g. by RBAC) in any test."""
+    lines = Path(operator.log_path).read_text(errors="replace").splitlines()
+    # A test's namespace is deleted while its job may still be reconciled: that refusal is expected.
+    errors = [
+        line
+        for line in lines
+        if ("reconcile failed" in line or "forbidden" in line.lower()) and "being terminated" not in line
+    ]
+    assert not errors, "\n".join(errors)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# README's second command: the whole suite (unit and e2e) plus lint. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source tests/cluster/lib.sh
+ensure_go_on_path
+ensure_venv
+.venv/bin/python -m tests.cluster build
+status=0
+.venv/bin/ruff check . || status=$?
+.venv/bin/python -m pytest tests "$@" || status=$?
+exit "$status"

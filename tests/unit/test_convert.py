@@ -1,0 +1,276 @@
+"""Weight conversion: Hugging Face safetensors <-> MindSpore checkpoint, streaming, bit-exact round trips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from telechat2 import cli
+from telechat2.checkpoint_io import CheckpointError, CkptReader, CkptWriter, encode_value_header, numpy_dtype
+from telechat2.config import TeleChat2Config
+from telechat2.convert import convert_hf_to_ms
+from telechat2.convert_reversed import convert_ms_to_hf, parse_size
+from telechat2.weights import hf_config_dict, hf_shapes, ms_shapes
+from tests.unit.tiny_model import tiny_config
+
+
+def make_hf_checkpoint(directory: Path, config: TeleChat2Config, dtype: str = "float32", files: int = 2, seed=0):
+    """A random Hugging Face-layout checkpoint in `files` safetensors shards plus config.json; returns its tensors."""
+    rng = np.random.default_rng(seed)
+    tensors = {
+        name: rng.standard_normal(shape, dtype=np.float32).astype(numpy_dtype(dtype))
+        for name, shape in hf_shapes(config).items()
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    for i, part in enumerate(np.array_split(np.arange(len(names)), files)):
+        save_file({names[j]: tensors[names[j]] for j in part}, str(directory / f"model-{i}.safetensors"))
+    (directory / "config.json").write_text(json.dumps(hf_config_dict(config)))
+    return tensors
+
+
+def read_hf_dir(directory: Path) -> dict[str, np.ndarray]:
+    numpy_dtype("bfloat16")
+    out = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="np") as f:
+            for name in f.keys():  # noqa: SIM118
+                out[name] = f.get_tensor(name)
+    return out
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def test_value_framing_is_byte_identical_to_mindspore_protobuf():
+    from mindspore.train.checkpoint_pb2 import Checkpoint
+
+    for name, array in [("a.weight", np.arange(12, dtype=np.float32).reshape(3, 4)), ("s", np.array(7, np.int32))]:
+        message = Checkpoint()
+        value = message.value.add()
+        value.tag = name
+        value.tensor.dims.extend(array.shape)
+        value.tensor.tensor_type = "Float32" if array.dtype == np.float32 else "Int32"
+        value.tensor.tensor_content = array.tobytes()
+        ours = encode_value_header(name, array.shape, value.tensor.tensor_type, array.nbytes) + array.tobytes()
+        assert ours == message.SerializeToString()
+
+
+def test_sliced_tensors_load_in_mindspore_and_index_lazily(tmp_path):
+    import mindspore as ms
+
+    big = np.arange(3000, dtype=np.float32).reshape(30, 100)
+    bf16 = big[:2].astype(numpy_dtype("bfloat16"))
+    with CkptWriter(tmp_path / "x.ckpt", slice_bytes=1000) as writer:  # 3 + 10 slices for `big`
+        writer.write("big", big.shape, big.dtype, [big[:7], big[7:]])
+        writer.write("half", bf16.shape, bf16.dtype, [bf16])
+    loaded = ms.load_checkpoint(str(tmp_path / "x.ckpt"))
+    assert np.array_equal(loaded["big"].asnumpy(), big)
+    assert loaded["half"].dtype == ms.bfloat16
+    reader = CkptReader(tmp_path / "x.ckpt")
+    assert len(reader.entries["big"].slices) == 13
+    assert np.array_equal(reader.read_flat("big", 995, 10), big.reshape(-1)[995:1005])
+    assert same_bits(reader.read("half"), bf16)
+    assert not (tmp_path / "x.ckpt.partial").exists()
+
+
+def test_writer_leaves_nothing_on_error(tmp_path):
+    with pytest.raises(CheckpointError, match="needs"), CkptWriter(tmp_path / "y.ckpt") as writer:
+        writer.write("w", (2, 2), np.float32, [np.zeros(3, np.float32)])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("config", "qkv_concat"),
+    [(tiny_config(), False), (tiny_config(), True), (tiny_config(num_experts=4, num_experts_per_tok=2), False)],
+    ids=["dense", "dense-qkv_concat", "moe"],
+)
+def test_round_trip_is_bit_exact(tmp_path, config, qkv_concat):
+    import mindspore as ms
+
+    hf = make_hf_checkpoint(tmp_path / "hf", config)
+    convert_hf_to_ms(tmp_path / "hf", tmp_path / "ms.ckpt", config, qkv_concat=qkv_concat)
+    loaded = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(tmp_path / "ms.ckpt")).items()}
+    assert {k: v.shape for k, v in loaded.items()} == ms_shapes(config, qkv_concat)
+
+    summary = convert_ms_to_hf(tmp_path / "ms.ckpt", tmp_path / "back", config, max_shard_bytes=40_000)
+    assert summary["shards"] > 1 and summary["layout"] == ("qkv_concat" if qkv_concat else "kv_concat")
+    back = read_hf_dir(tmp_path / "back")
+    assert back.keys() == hf.keys()
+    assert all(same_bits(back[name], hf[name]) for name in hf)
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(hf)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["n_layer"] == config.num_layers
+
+
+def test_layouts_place_heads_and_experts_as_the_facts_say(tmp_path):
+    """key_value rows are [K_h0, V_h0, K_h1, V_h1]; w_qkv = [Q, K_h0, K_h1, V_h0, V_h1]; experts stack on axis 0."""
+    import mindspore as ms
+
+    dense, moe = tiny_config(), tiny_config(num_experts=4, num_experts_per_tok=2)
+    hf = make_hf_checkpoint(tmp_path / "hf", dense)
+    convert_hf_to_ms(tmp_path / "hf", tmp_path / "qkv.ckpt", dense, qkv_concat=True)
+    w_qkv = ms.load_checkpoint(str(tmp_path / "qkv.ckpt"))["model.layers.1.attention.w_qkv.weight"].asnumpy()
+    kv = hf["transformer.h.1.self_attention.key_value.weight"]
+    d, h = dense.head_dim, dense.hidden_size  # 16, 64; two KV heads
+    k_h0, v_h0, k_h1, v_h1 = kv[0:d], kv[d : 2 * d], kv[2 * d : 3 * d], kv[3 * d : 4 * d]
+    expected = np.concatenate([hf["transformer.h.1.self_attention.query.weight"], k_h0, k_h1, v_h0, v_h1])
+    assert np.array_equal(w_qkv, expected)
+    gate_hidden = ms.load_checkpoint(str(tmp_path / "qkv.ckpt"))["model.layers.0.feed_forward.w_gate_hidden.weight"]
+    assert np.array_equal(
+        gate_hidden.asnumpy(),
+        np.concatenate([hf["transformer.h.0.mlp.gate_proj.weight"], hf["transformer.h.0.mlp.up_proj.weight"]]),
+    )
+
+    hf_moe = make_hf_checkpoint(tmp_path / "hf_moe", moe)
+    convert_hf_to_ms(tmp_path / "hf_moe", tmp_path / "moe.ckpt", moe)
+    params = ms.load_checkpoint(str(tmp_path / "moe.ckpt"))
+    assert np.array_equal(
+        params["model.layers.0.feed_forward.ffn.w1.weight"].asnumpy()[2],
+        hf_moe["transformer.h.0.mlp.local_experts.2.gate_proj.weight"],
+    )
+    bias = params["model.layers.1.feed_forward.ffn.w2.bias"].asnumpy()
+    assert bias.shape == (1, 4, 1, h)
+    assert np.array_equal(bias[0, 3, 0], hf_moe["transformer.h.1.mlp.local_experts.3.down_proj.bias"])
+
+
+def test_bfloat16_round_trips_through_float32_exactly(tmp_path):
+    config = tiny_config()
+    hf = make_hf_checkpoint(tmp_path / "hf", config, dtype="bfloat16", files=1)
+    convert_hf_to_ms(tmp_path / "hf", tmp_path / "f32.ckpt", config, dtype="float32")
+    convert_hf_to_ms(tmp_path / "hf", tmp_path / "bf16.ckpt", config, dtype="keep")
+    assert CkptReader(tmp_path / "f32.ckpt").entries["lm_head.weight"].tensor_type == "Float32"
+    assert CkptReader(tmp_path / "bf16.ckpt").entries["lm_head.weight"].tensor_type == "BFloat16"
+    convert_ms_to_hf(tmp_path / "f32.ckpt", tmp_path / "from_f32", config, dtype="bfloat16")
+    convert_ms_to_hf(tmp_path / "bf16.ckpt", tmp_path / "from_bf16", config)
+    for directory in ("from_f32", "from_bf16"):
+        back = read_hf_dir(tmp_path / directory)
+        assert all(same_bits(back[n], hf[n]) for n in hf), directory
+    assert (tmp_path / "from_bf16" / "model.safetensors").exists()  # one shard: no index, as Hugging Face
+
+
+def test_bad_checkpoints_are_named_and_nothing_is_written(tmp_path):
+    config = tiny_config()
+    make_hf_checkpoint(tmp_path / "hf", config, files=1)
+    tensors = read_hf_dir(tmp_path / "hf")
+    del tensors["transformer.h.1.mlp.up_proj.weight"]
+    tensors["transformer.h.0.self_attention.key_value.weight"] = np.zeros((8, 64), np.float32)
+    tensors["transformer.h.0.mlp.extra.weight"] = np.zeros(3, np.float32)
+    save_file(tensors, str(tmp_path / "hf" / "model-0.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        convert_hf_to_ms(tmp_path / "hf", tmp_path / "out.ckpt", config)
+    message = str(err.value)
+    assert "1 missing tensor(s):\n    transformer.h.1.mlp.up_proj.weight" in message
+    assert "unexpected tensor(s):\n    transformer.h.0.mlp.extra.weight" in message
+    assert "transformer.h.0.self_attention.key_value.weight is [8, 64], expected [64, 64]" in message
+    assert not list(tmp_path.glob("out.ckpt*"))
+
+
+def test_reversed_names_missing_tensors_and_skips_training_state(tmp_path):
+    config = tiny_config()
+    make_hf_checkpoint(tmp_path / "hf", config, files=1)
+    convert_hf_to_ms(tmp_path / "hf", tmp_path / "ms.ckpt", config)
+    reader = CkptReader(tmp_path / "ms.ckpt")
+    with CkptWriter(tmp_path / "train.ckpt") as writer:  # what a finetune run saves: weights + optimizer state
+        for name in reader.names():
+            if name != "model.layers.1.attention.wo.bias":
+                writer.write(name, reader.entries[name].shape, np.float32, [reader.read(name)])
+        writer.write("adam_m.lm_head.weight", (512, 64), np.float32, [np.zeros((512, 64), np.float32)])
+    with pytest.raises(CheckpointError, match=r"1 missing tensor\(s\):\n    model.layers.1.attention.wo.bias"):
+        convert_ms_to_hf(tmp_path / "train.ckpt", tmp_path / "out", config)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+    summary = convert_ms_to_hf(tmp_path / "ms.ckpt", tmp_path / "out", config)
+    assert summary["skipped"] == 0
+    with pytest.raises(CheckpointError, match="not an empty directory"):
+        convert_ms_to_hf(tmp_path / "ms.ckpt", tmp_path / "out", config)
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    config = tiny_config()
+    make_hf_checkpoint(tmp_path / "hf", config, files=1)
+    convert_hf_to_ms(tmp_path / "hf", tmp_path / "ms.ckpt", config)
+    data = (tmp_path / "ms.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"corrupt checkpoint .*cut.ckpt: truncated"):
+        CkptReader(tmp_path / "cut.ckpt")
+
+
+def test_cli_convert_both_ways(tmp_path, capsys):
+    config = tiny_config()
+    hf = make_hf_checkpoint(tmp_path / "hf", config)
+    assert (
+        cli.main(["convert", "--torch_path", str(tmp_path / "hf"), "--mindspore_path", str(tmp_path / "a.ckpt")]) == 0
+    )
+    assert "layout kv_concat" in capsys.readouterr().out
+    code = cli.main(
+        [
+            "convert",
+            "--torch-path",
+            str(tmp_path / "hf"),
+            "--mindspore-path",
+            str(tmp_path / "b.ckpt"),
+            "--qkv_concat",
+            "True",
+        ]
+    )
+    assert code == 0 and "attention.w_qkv.weight" in " ".join(CkptReader(tmp_path / "b.ckpt").names())
+    code = cli.main(
+        [
+            "convert-reversed",
+            "--mindspore_path",
+            str(tmp_path / "b.ckpt"),
+            "--torch_path",
+            str(tmp_path / "c"),
+            "--config_json",
+            str(tmp_path / "hf" / "config.json"),
+        ]
+    )
+    assert code == 0 and "qkv_concat layout" in capsys.readouterr().out
+    back = read_hf_dir(tmp_path / "c")
+    assert all(same_bits(back[n], hf[n]) for n in hf)
+    code = cli.main(
+        ["convert-reversed", "--mindspore_path", str(tmp_path / "a.ckpt"), "--torch_path", str(tmp_path / "d")]
+    )
+    assert code == 1 and "architecture is unknown" in capsys.readouterr().err
+
+
+def test_model_name_gives_the_architecture(tmp_path):
+    from telechat2.configs import architecture
+    from telechat2.convert import resolve_architecture
+
+    tiny = architecture("telechat2-tiny")
+    assert resolve_architecture("telechat2-tiny", tmp_path / "absent.json") == tiny
+    make_hf_checkpoint(tmp_path / "hf", tiny, files=1)
+    (tmp_path / "hf" / "config.json").unlink()
+    argv = ["convert", "--torch_path", str(tmp_path / "hf"), "--mindspore_path", str(tmp_path / "t.ckpt")]
+    assert cli.main([*argv, "--model", "telechat2-tiny"]) == 0
+    assert cli.main(argv) == 1
+
+
+def test_parameter_names_match_the_model():
+    """The model and the converter agree on every name and shape, dense and MoE (names from the facts file)."""
+    from telechat2.modeling import TeleChat2ForCausalLM
+
+    for config in (tiny_config(), tiny_config(num_experts=4, num_experts_per_tok=2), tiny_config(qkv_concat=True)):
+        model = TeleChat2ForCausalLM(config)
+        names = {name: tuple(p.shape) for name, p in model.parameters_and_names()}
+        expected = ms_shapes(config, config.qkv_concat)
+        if config.qkv_concat:  # the model concatenates attention only; the MLP keeps w1/w3 (see report)
+            expected = ms_shapes(config, False) | {k: v for k, v in expected.items() if "w_qkv" in k}
+            expected = {k: v for k, v in expected.items() if not k.endswith(("attention.wq.weight", "wk_v.weight"))}
+        assert names == expected
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("1000") == 1000
+    with pytest.raises(CheckpointError, match="max_shard_size"):
+        parse_size("lots")

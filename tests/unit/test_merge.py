@@ -1,0 +1,246 @@
+"""Checkpoint merge on shards MindSpore itself cut, with strategy files in MindSpore's protobuf format.
+
+Semi-auto parallel compilation (which writes strategy files during training) needs Ascend/GPU, so the strategy
+files here are built from MindSpore's own pieces: layouts computed by `mindspore.parallel.Layout`, stored in
+`mindspore.train.node_strategy_pb2.ParallelStrategyMap` and serialized by protobuf, one file per rank as a training
+run writes them. The shards are then cut from a full checkpoint by `mindspore.transform_checkpoints` (full ->
+strategy), so the merge is tested on MindSpore's real shard format and must give back the original bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from telechat2 import cli
+from telechat2.checkpoint_io import CheckpointError, CkptReader, CkptWriter
+from telechat2.merge import merge
+from telechat2.weights import ms_shapes
+from tests.unit.tiny_model import tiny_config
+
+COLUMN_PARALLEL = ("embedding_weight", "wq.weight", "wk_v.weight", "w1.weight", "w3.weight", "lm_head.weight")
+ROW_PARALLEL = ("wo.weight", "w2.weight")
+
+
+def tensor_parallel_layouts(shapes: dict[str, tuple[int, ...]], device_matrix: tuple[int, ...], aliases) -> dict:
+    """Megatron-style layouts for TeleChat2 parameters, computed by mindspore.parallel.Layout."""
+    from mindspore.parallel import Layout
+
+    layout = Layout(device_matrix, aliases)
+    out = {}
+    for name in shapes:
+        if name.endswith(COLUMN_PARALLEL):
+            out[name] = layout("mp", "None")
+        elif name.endswith(ROW_PARALLEL):
+            out[name] = layout("None", "mp")
+        else:
+            out[name] = layout(*(["None"] * len(shapes[name])))
+    return out
+
+
+def write_strategy_file(path: Path, stage: int, layouts: dict) -> None:
+    """A strategy file as training writes it: ParallelStrategyMap with one layout item per parameter."""
+    from mindspore.train import node_strategy_pb2
+
+    strategy = node_strategy_pb2.ParallelStrategyMap()
+    strategy.current_stage = stage
+    item = strategy.parallel_strategy_item.add()
+    item.node_name = "Default/network-TeleChat2ForCausalLM/MatMul-op0"
+    item.parallel_strategys.stage = stage
+    item.parallel_strategys.parallel_strategy.add().dim.extend([1, 2])
+    for name, layout in layouts.items():
+        described = layout.to_dict()
+        entry = strategy.parallel_layout_item.add()
+        entry.param_name = name
+        entry.parallel_layouts.dev_matrix.add().dim.extend(described["device_matrix"])
+        entry.parallel_layouts.tensor_map.add().dim.extend(described["tensor_map"])
+        entry.parallel_layouts.param_split_shape.add()
+        entry.parallel_layouts.indices_offset.add()
+        entry.parallel_layouts.field = 0
+        entry.parallel_layouts.opt_weight_shard_step = 0
+        entry.parallel_layouts.opt_weight_shard_size = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(strategy.SerializeToString())
+
+
+def write_full_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tensors = {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes.items()}
+    tensors["global_step"] = np.array([42], np.int32)  # training state that no strategy describes
+    with CkptWriter(path) as writer:
+        for name, value in tensors.items():
+            writer.write(name, value.shape, value.dtype, [value])
+    return tensors
+
+
+def make_sharded_run(root: Path, pipeline: bool, shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
+    """output/strategy/ckpt_strategy_rank_N.ckpt and output/checkpoint/rank_N/*.ckpt of a 4-device run:
+    data 2 x model 2, or (pipeline) 2 stages x model 2. Returns the full tensors."""
+    import mindspore as ms
+
+    shapes = shapes or ms_shapes(tiny_config())
+    full = write_full_checkpoint(root / "full" / "rank_0" / "full.ckpt", shapes)
+    names = list(shapes)
+    if pipeline:  # stage 0: embedding and layer 0; stage 1: layer 1, final norm, head
+        stage_of = {n: 1 if n.startswith(("model.layers.1.", "model.norm_out", "lm_head")) else 0 for n in names}
+        for rank in range(4):
+            stage = rank // 2
+            stage_names = [n for n in names if stage_of[n] == stage]
+            layouts = tensor_parallel_layouts({n: shapes[n] for n in stage_names}, (2,), ("mp",))
+            write_strategy_file(root / "output" / "strategy" / f"ckpt_strategy_rank_{rank}.ckpt", stage, layouts)
+    else:
+        layouts = tensor_parallel_layouts(shapes, (2, 2), ("dp", "mp"))
+        for rank in range(4):
+            write_strategy_file(root / "output" / "strategy" / f"ckpt_strategy_rank_{rank}.ckpt", 0, layouts)
+    ms.merge_pipeline_strategys(str(root / "output" / "strategy"), str(root / "merged_strategy.ckpt"))
+    ms.transform_checkpoints(
+        str(root / "full"),
+        str(root / "output" / "checkpoint"),
+        "telechat_rank_",
+        None,
+        str(root / "merged_strategy.ckpt"),
+    )
+    return full
+
+
+def tree_hashes(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def tp_run(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("tp")
+    return root, make_sharded_run(root, pipeline=False)
+
+
+def assert_equals_full(merged_file: Path, full: dict[str, np.ndarray]) -> None:
+    reader = CkptReader(merged_file)
+    assert set(reader.entries) == set(full)
+    for name, value in full.items():
+        assert reader.read(name).tobytes() == value.tobytes(), name
+
+
+def test_merges_tensor_parallel_shards_bit_exactly(tp_run, tmp_path):
+    root, full = tp_run
+    shard = CkptReader(next((root / "output" / "checkpoint" / "rank_1").glob("*.ckpt")))
+    assert shard.entries["model.layers.0.attention.wq.weight"].shape == (32, 64)  # really cut by mp=2
+    before = tree_hashes(root / "output")
+    summary = merge(root / "output" / "checkpoint", tmp_path / "merged", "telechat_tiny", root / "output" / "strategy")
+    assert summary["path"] == str(tmp_path / "merged" / "rank_0" / "telechat_tiny0.ckpt")
+    assert_equals_full(Path(summary["path"]), full)
+    assert tree_hashes(root / "output") == before
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+def test_merges_pipeline_stages(tmp_path):
+    full = make_sharded_run(tmp_path, pipeline=True)
+    rank3 = CkptReader(next((tmp_path / "output" / "checkpoint" / "rank_3").glob("*.ckpt")))
+    assert "model.layers.0.attention.wq.weight" not in rank3.entries  # stage 1 holds layer 1 only
+    output = tmp_path / "output"
+    code = cli.main(
+        [
+            *("merge", "--src_ckpt_strategy", str(output / "strategy"), "--src-ckpt-dir", str(output / "checkpoint")),
+            *("--dst_ckpt_dir", str(tmp_path / "m"), "--prefix", "telechat_tiny"),
+        ]
+    )
+    assert code == 0
+    assert_equals_full(tmp_path / "m" / "rank_0" / "telechat_tiny0.ckpt", full)
+
+
+def copy_run(root: Path, tmp_path: Path) -> Path:
+    shutil.copytree(root / "output", tmp_path / "output", symlinks=False)
+    return tmp_path / "output"
+
+
+def assert_fails(output: Path, dst: Path, pattern: str, strategy: Path | None = None) -> None:
+    before = tree_hashes(output)
+    with pytest.raises(CheckpointError, match=pattern):
+        merge(output / "checkpoint", dst, "x", strategy if strategy is not None else output / "strategy")
+    assert not dst.exists() and not list(dst.parent.glob(f".{dst.name}.partial-*"))
+    assert tree_hashes(output) == before
+
+
+def test_missing_rank_is_named(tp_run, tmp_path):
+    output = copy_run(tp_run[0], tmp_path)
+    shutil.rmtree(output / "checkpoint" / "rank_3")
+    assert_fails(output, tmp_path / "dst", r"describes 4 ranks; missing rank\(s\) rank_3")
+
+
+def test_strategy_that_does_not_match_is_named(tp_run, tmp_path):
+    output = copy_run(tp_run[0], tmp_path)
+    bigger = ms_shapes(tiny_config(num_layers=3))  # the strategy of a 3-layer model
+    layouts = tensor_parallel_layouts(bigger, (2, 2), ("dp", "mp"))
+    write_strategy_file(tmp_path / "other" / "strategy.ckpt", 0, layouts)
+    assert_fails(
+        output,
+        tmp_path / "dst",
+        r"strategy names model.layers.2.attention_norm.weight \(stage 0\) but rank_0 lacks it",
+        strategy=tmp_path / "other",
+    )
+    eight = tensor_parallel_layouts(ms_shapes(tiny_config()), (4, 2), ("dp", "mp"))
+    write_strategy_file(tmp_path / "eight" / "strategy.ckpt", 0, eight)
+    assert_fails(output, tmp_path / "dst", r"describes 8 ranks; missing rank\(s\) rank_4", strategy=tmp_path / "eight")
+
+
+def test_corrupt_shard_is_named(tp_run, tmp_path):
+    output = copy_run(tp_run[0], tmp_path)
+    shard = next((output / "checkpoint" / "rank_1").glob("*.ckpt"))
+    data = shard.read_bytes()
+    shard.chmod(0o644)
+    shard.write_bytes(data[: len(data) - 100])
+    assert_fails(output, tmp_path / "dst", r"corrupt checkpoint .*rank_1/.*\.ckpt: truncated")
+
+
+def write_replica(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    with CkptWriter(path) as writer:
+        for name, value in tensors.items():
+            writer.write(name, value.shape, value.dtype, [value])
+
+
+def test_data_parallel_replicas_take_the_newest_common_step(tmp_path):
+    rng = np.random.default_rng(1)
+    shapes = ms_shapes(tiny_config())
+    weights = {n: rng.standard_normal(s, dtype=np.float32) for n, s in shapes.items()}
+    newer = {n: v + 1 for n, v in weights.items()}
+    src = tmp_path / "checkpoint"
+    for rank in (0, 1):
+        write_replica(src / f"rank_{rank}" / f"telechat_rank_{rank}-1_5.ckpt", weights)
+        write_replica(src / f"rank_{rank}" / f"telechat_rank_{rank}-1_10.ckpt", newer)
+    write_replica(src / "rank_0" / "telechat_rank_0-2_15.ckpt", weights)  # rank 1 died before saving step 15
+    summary = merge(src, tmp_path / "dp", "telechat_tiny")
+    assert summary["sources"][1].endswith("telechat_rank_1-1_10.ckpt")  # not lexicographic, not step 15
+    reader = CkptReader(tmp_path / "dp" / "rank_0" / "telechat_tiny0.ckpt")
+    assert all(reader.read(n).tobytes() == v.tobytes() for n, v in newer.items())
+
+
+def test_data_parallel_replicas_must_agree(tmp_path):
+    shapes = ms_shapes(tiny_config())
+    weights = {n: np.ones(s, np.float32) for n, s in shapes.items()}
+    write_replica(tmp_path / "src" / "rank_0" / "a.ckpt", weights)
+    write_replica(tmp_path / "src" / "rank_1" / "a.ckpt", weights | {"lm_head.weight": np.zeros((512, 64), np.float32)})
+    with pytest.raises(CheckpointError, match="lm_head.weight differs between rank_0 and rank_1"):
+        merge(tmp_path / "src", tmp_path / "dst", "x")
+    write_replica(tmp_path / "src2" / "rank_0" / "a.ckpt", weights)
+    write_replica(tmp_path / "src2" / "rank_2" / "a.ckpt", weights)
+    assert cli.main(["merge", "--src_ckpt_dir", str(tmp_path / "src2"), "--dst_ckpt_dir", str(tmp_path / "d")]) == 1
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(CheckpointError, match=r"missing rank\(s\) rank_1"):
+        merge(tmp_path / "src2", tmp_path / "dst", "x")
+
+
+def test_non_finite_values_fail_verification(tmp_path):
+    shapes = ms_shapes(tiny_config())
+    weights = {n: np.ones(s, np.float32) for n, s in shapes.items()}
+    weights["model.norm_out.weight"][3] = np.nan
+    write_replica(tmp_path / "src" / "rank_0" / "a.ckpt", weights)
+    with pytest.raises(CheckpointError, match="model.norm_out.weight has non-finite values"):
+        merge(tmp_path / "src", tmp_path / "dst", "x")
+    assert not (tmp_path / "dst").exists()

@@ -1,0 +1,123 @@
+"""Operator process pieces without a cluster: settings from the environment, kopf settings, the work queue,
+status patches and the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Hashable
+
+import kopf
+import pytest
+from kopf._cogs.structs.references import Resource
+from telechat_operator import constants as c
+from telechat_operator.__main__ import build_parser
+from telechat_operator.handlers.finetune import owned_by, status_patch
+from telechat_operator.settings import OperatorConfig, configure_kopf
+from telechat_operator.workqueue import WorkQueue
+
+
+def test_config_reads_prefixed_environment_variables() -> None:
+    config = OperatorConfig.from_env(
+        {"TELECHAT_OPERATOR_BACKOFF_BASE_SECONDS": "0.5", "TELECHAT_OPERATOR_CREATE_WORKERS": "4"}
+    )
+    assert config.backoff_base_seconds == 0.5 and config.create_workers == 4
+    assert config.backoff_max_seconds == OperatorConfig().backoff_max_seconds
+
+
+@pytest.mark.parametrize("value", ["fast", "-1"])
+def test_config_rejects_bad_values_naming_the_variable(value: str) -> None:
+    with pytest.raises(ValueError, match="TELECHAT_OPERATOR_RESYNC_SECONDS"):
+        OperatorConfig.from_env({"TELECHAT_OPERATOR_RESYNC_SECONDS": value})
+
+
+def test_kopf_settings_set_watch_timeouts_selectors_and_annotation_storage() -> None:
+    settings = kopf.OperatorSettings()
+    configure_kopf(settings, OperatorConfig(), peering=None)
+    assert settings.watching.server_timeout == 300 and isinstance(settings.watching.server_timeout, int)
+    assert settings.watching.client_timeout and settings.watching.connect_timeout
+    pods = Resource("", "v1", "pods")
+    jobs = Resource(c.GROUP, c.VERSION, c.FINETUNE_PLURAL)
+    assert list(settings.watching.label_selectors.collect(pods)) == [f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY_VALUE}"]
+    assert list(settings.watching.label_selectors.collect(jobs)) == []  # every job is ours
+    assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
+    assert settings.peering.standalone
+    peered = kopf.OperatorSettings()
+    configure_kopf(peered, OperatorConfig(), peering="telechat")
+    assert (peered.peering.name, peered.peering.standalone, peered.peering.mandatory) == ("telechat", False, True)
+
+
+def test_command_line() -> None:
+    args = build_parser().parse_args(["run", "-n", "a", "-n", "b", "--metrics-port", "0"])
+    assert args.namespace == ["a", "b"] and args.metrics_port == 0 and args.peering is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "-A", "-n", "a"])
+
+
+def test_status_patch_nulls_removed_keys_and_skips_unchanged_ones() -> None:
+    old = {"state": "Restarting", "restarts": 1, "nextAttemptTime": "t"}
+    new = {"state": "Pending", "restarts": 1}
+    assert status_patch(old, new) == {"state": "Pending", "nextAttemptTime": None}
+    assert status_patch(new, new) == {}
+
+
+def test_pods_of_a_deleted_namesake_job_are_ignored() -> None:
+    pod = {"metadata": {"ownerReferences": [{"uid": "old"}]}}
+    assert owned_by(pod, "old") and not owned_by(pod, "new")
+
+
+def test_work_queue_coalesces_bursts_and_serialises_each_key() -> None:
+    calls: list[Hashable] = []
+    running: set[Hashable] = set()
+    overlap = threading.Event()
+    release = threading.Event()
+
+    def reconcile(key: Hashable) -> float | None:
+        if key in running:
+            overlap.set()
+        running.add(key)
+        calls.append(key)
+        release.wait(1)
+        running.discard(key)
+        return None
+
+    async def scenario() -> None:
+        queue = WorkQueue("test", reconcile, workers=4)
+        queue.trigger("a")
+        await asyncio.sleep(0.05)  # the first pass is now running (blocked on `release`)
+        for _ in range(49):
+            queue.trigger("a")
+        queue.trigger("b")
+        await asyncio.sleep(0.05)
+        release.set()
+        await queue.drain()
+
+    asyncio.run(scenario())
+    assert not overlap.is_set()
+    assert calls.count("a") == 2  # the running pass plus one for the 49 triggers that arrived meanwhile
+    assert calls.count("b") == 1
+
+
+def test_work_queue_requeues_and_retries_errors() -> None:
+    times: list[float] = []
+
+    def reconcile(key: Hashable) -> float | None:
+        times.append(time.monotonic())
+        if len(times) == 1:
+            raise RuntimeError("API down")
+        return 0.05 if len(times) < 3 else None
+
+    async def scenario() -> None:
+        queue = WorkQueue("test", reconcile)
+        queue.trigger("k")
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if len(times) >= 3:
+                break
+        await queue.drain()
+
+    asyncio.run(scenario())
+    assert len(times) == 3
+    assert times[1] - times[0] >= 0.9  # error retry: 0.5 * 2^1 seconds
+    assert times[2] - times[1] >= 0.04  # the requested requeue

@@ -1,0 +1,237 @@
+"""Narrow tests of the server's plumbing: the bounded queue (503 + Retry-After), client disconnects cancelling
+generation, incremental detokenization and stop strings, API-key sources, msrun lockstep, the CLI settings.
+
+Queue and disconnect tests need control over timing, so they use `GatedEngine` (a fake that yields plain tokens
+slowly and records how it ended) behind a real uvicorn server; everything else uses the real tiny tokenizer.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from telechat2.cli import build_parser
+from telechat2.serve import distributed
+from telechat2.serve.app import create_app, serve_in_background, settings_from_args
+from telechat2.serve.auth import ApiKeySource
+from telechat2.serve.engine import SamplingParams
+from telechat2.serve.runtime import ServeSettings
+from telechat2.serve.text import TextStream
+from telechat2.tokenizer import TeleChat2Tokenizer
+
+
+class GatedEngine:
+    """Fake engine: yields plain tokens `delay` apart once `gate` opens; records how many each call produced."""
+
+    def __init__(self, tokenizer: TeleChat2Tokenizer, delay: float = 0.0, gate: threading.Event | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.defaults = SamplingParams(max_new_tokens=8)
+        self.delay = delay
+        self.gate = gate or threading.Event()
+        if gate is None:
+            self.gate.set()
+        self.started = threading.Event()
+        self.ended = threading.Event()
+        self.produced: list[int] = []  # tokens per call
+
+    def stream(self, input_ids: list[int], params: SamplingParams, should_stop: Callable[[], bool]) -> Iterator[int]:
+        self.started.set()
+        self.produced.append(0)
+        try:
+            for step in range(params.max_new_tokens):
+                if should_stop():
+                    return "cancelled"
+                self.gate.wait(30)
+                time.sleep(self.delay)
+                self.produced[-1] += 1
+                yield 100 + (sum(input_ids) + step) % 200  # plain pieces of the tiny vocabulary
+            return "length"
+        finally:
+            self.ended.set()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not exported")
+
+
+def test_full_queue_answers_503_with_retry_after_and_loses_nothing(tiny_tokenizer: TeleChat2Tokenizer) -> None:
+    gate = threading.Event()
+    engine = GatedEngine(tiny_tokenizer, gate=gate)
+    app = create_app(ServeSettings(max_seq_len=64, max_input_token_len=32, max_queue=2), lambda: engine)
+    with serve_in_background(app) as url, ThreadPoolExecutor(max_workers=3) as pool:
+        wait_until(lambda: httpx.get(f"{url}/v2/health/ready").status_code == 200)
+        body = {"inputs": "hello", "parameters": {"max_new_tokens": 3}}
+        running = pool.submit(httpx.post, f"{url}/generate", json=body, timeout=30)
+        wait_until(engine.started.is_set)
+        waiting = [pool.submit(httpx.post, f"{url}/generate", json=body, timeout=30) for _ in range(2)]
+        wait_until(lambda: metric(url, "telechat_queue_depth") == 2)
+
+        refused = httpx.post(f"{url}/generate", json=body)
+        assert refused.status_code == 503
+        assert int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error_type"] == "overloaded"
+        refused_openai = httpx.post(f"{url}/v1/completions", json={"prompt": "hello"})
+        assert refused_openai.status_code == 503 and "queue is full" in refused_openai.json()["error"]["message"]
+        assert metric(url, "telechat_queue_rejected_total") == 2
+
+        gate.set()
+        answers = [future.result() for future in [running, *waiting]]
+        assert [a.status_code for a in answers] == [200, 200, 200]
+        assert all(a.json()["details"]["generated_tokens"] == 3 for a in answers)
+        assert metric(url, "telechat_queue_depth") == 0
+
+
+def test_stream_disconnect_cancels_generation(tiny_tokenizer: TeleChat2Tokenizer) -> None:
+    engine = GatedEngine(tiny_tokenizer, delay=0.05)
+    app = create_app(ServeSettings(max_seq_len=1024, max_input_token_len=32), lambda: engine)
+    with serve_in_background(app) as url:
+        wait_until(lambda: httpx.get(f"{url}/v2/health/ready").status_code == 200)
+        request = {"inputs": "hello", "parameters": {"max_new_tokens": 500}}
+        with httpx.stream("POST", f"{url}/generate_stream", json=request, timeout=30) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    break  # one token seen: hang up
+        assert engine.ended.wait(15), "generation kept running after the client left"
+        assert engine.produced[-1] < 500
+        wait_until(lambda: metric(url, "telechat_generations_cancelled_total") == 1)
+
+
+def test_non_streaming_disconnect_cancels_generation(tiny_tokenizer: TeleChat2Tokenizer) -> None:
+    engine = GatedEngine(tiny_tokenizer, delay=0.05)
+    app = create_app(ServeSettings(max_seq_len=1024, max_input_token_len=32), lambda: engine)
+    with serve_in_background(app) as url:
+        wait_until(lambda: httpx.get(f"{url}/v2/health/ready").status_code == 200)
+        host, port = url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 500})
+        connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        assert engine.started.wait(15)
+        connection.close()  # the client gives up before the answer
+        assert engine.ended.wait(15), "generation kept running after the client left"
+        assert engine.produced[-1] < 500
+
+
+# -- text: incremental detokenization and stop strings ----------------------------------------------------------------
+
+
+def pushed(stream: TextStream, ids: list[int]) -> list[str]:
+    released = [stream.push(token_id)[1] for token_id in ids]
+    return [*released, stream.finish()]
+
+
+def test_split_characters_are_held_until_complete(tiny_tokenizer: TeleChat2Tokenizer) -> None:
+    text = "ok 😀 done"  # the emoji is four byte-fallback tokens in the tiny vocabulary
+    ids = tiny_tokenizer.encode(text)
+    chunks = pushed(TextStream(tiny_tokenizer), ids)
+    assert "".join(chunks) == text
+    assert all("\ufffd" not in chunk for chunk in chunks)
+
+
+def test_openai_stop_strings_are_cut_and_never_leak_while_streaming(tiny_tokenizer: TeleChat2Tokenizer) -> None:
+    ids = tiny_tokenizer.encode("the model writes an answer about data")
+    stream = TextStream(tiny_tokenizer, stop=["answer"], keep_stop=False)
+    chunks = pushed(stream, ids)
+    assert "".join(chunks) == "the model writes an "
+    assert stream.stopped_by == "answer"
+    kept = TextStream(tiny_tokenizer, stop=["answer"], keep_stop=True)
+    assert "".join(pushed(kept, ids)) == "the model writes an answer"
+
+
+def test_control_tokens_are_hidden_but_tool_markers_stay(tiny_tokenizer: TeleChat2Tokenizer) -> None:
+    text = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    ids = [*tiny_tokenizer.encode(text), tiny_tokenizer.eos_token_id]
+    stream = TextStream(tiny_tokenizer)
+    token_texts = [stream.push(token_id)[0] for token_id in ids]
+    stream.finish()
+    assert stream.text == text
+    assert token_texts[-1] == "<_end>"  # TGI's per-token text still names the control token
+
+
+# -- auth, settings -----------------------------------------------------------------------------------------------
+
+
+def test_api_key_sources(tmp_path) -> None:
+    assert ApiKeySource.from_args(None, environ={}) is None
+    from_env = ApiKeySource.from_args(None, environ={"TELECHAT_API_KEY": "k1"})
+    assert from_env is not None and from_env.check("Bearer k1") and not from_env.check("Bearer k2")
+    assert not from_env.check("Basic k1") and not from_env.check(None)
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="api-key-file"):
+        ApiKeySource.from_args(str(empty), environ={})
+    with pytest.raises(ValueError, match="api-key-file"):
+        ApiKeySource.from_args(str(tmp_path / "missing"), environ={})
+
+
+def test_cli_flags_become_settings(tmp_path) -> None:
+    argv = [
+        "serve",
+        "--config",
+        "configs/predict_telechat2_7b.yaml",
+        "--vocab_file",
+        "tok.model",
+        "--max-seq-len",
+        "4096",
+    ]
+    args = build_parser(argv).parse_args(argv)
+    settings = settings_from_args(args)
+    assert (args.port, args.host) == (1025, "0.0.0.0")
+    assert settings.model_name == "telechat2-7b"
+    assert (settings.max_seq_len, settings.max_input_token_len) == (4096, 3072)
+    with pytest.raises(ValueError, match="max-input-token-len"):
+        ServeSettings(max_seq_len=100, max_input_token_len=100)
+
+
+# -- msrun: rank 0 leads, the others follow in lockstep -----------------------------------------------------------
+
+
+def test_followers_run_the_same_steps_as_rank_0(tiny_tokenizer: TeleChat2Tokenizer) -> None:
+    group = distributed.ProcessGroup.from_env({"RANK_ID": "1", "RANK_SIZE": "2", "MS_SCHED_HOST": "10.0.0.1"})
+    assert (group.rank, group.world_size, group.leader_host) == (1, 2, "10.0.0.1")
+    assert distributed.ProcessGroup.from_env({}).world_size == 1
+
+    leader_inner, follower_engine = GatedEngine(tiny_tokenizer), GatedEngine(tiny_tokenizer)
+    port = free_port()
+    load_leader = distributed.lead(lambda: leader_inner, world_size=2, control_port=port)
+    follower_exit: list[int] = []
+    follower = threading.Thread(
+        target=lambda: follower_exit.append(distributed.follow(lambda: follower_engine, "127.0.0.1", port))
+    )
+    follower.start()
+    leader = load_leader()
+    params = SamplingParams(max_new_tokens=6)
+    assert len(list(leader.stream([5, 6], params, lambda: False))) == 6  # runs to the end
+    early = leader.stream([7], params, lambda: False)
+    next(early), next(early)
+    early.close()  # the consumer left after two tokens (a stop string, say)
+    polls = iter([False, False, False, True])
+    assert len(list(leader.stream([8], params, lambda: next(polls)))) == 3  # cancelled by should_stop
+    for channel in leader.followers:
+        channel.close()
+    follower.join(15)
+    assert follower_exit == [0]
+    assert follower_engine.produced == leader_inner.produced == [6, 2, 3]

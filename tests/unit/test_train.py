@@ -1,0 +1,157 @@
+"""`telechat2 finetune` through MindFormers' Trainer on CPU: loss falls, resume keeps the step count, and two
+data-parallel workers under msrun (through `telechat2 launch`) save rank checkpoints that `telechat2 merge` merges."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from telechat2.checkpoint_io import CkptReader
+from telechat2.train import FinetuneError, newest_checkpoint, read_loss_log
+
+QA = [
+    ("what is two plus two", "four"),
+    ("name a colour", "blue is a colour"),
+    ("say hello", "hello there friend"),
+    ("count to three", "one two three"),
+]
+
+
+def write_dataset(root: Path, tokenizer_file: Path, lines: int) -> Path:
+    """Chat jsonl -> MindRecord with `telechat2 preprocess` (max_length 64, two samples per packed row)."""
+    from telechat2.data import preprocess
+
+    jsonl = root / "chat.jsonl"
+    with jsonl.open("w") as f:
+        for i in range(lines):
+            question, answer = QA[i % len(QA)]
+            f.write(json.dumps({"input": f"<_user>{question}", "output": answer}) + "\n")
+    preprocess(jsonl, tokenizer_file, 64, root / "data.mindrecord")
+    return root / "data.mindrecord"
+
+
+def write_config(path: Path, dataset: Path, output_dir: Path, epochs: int, **overrides) -> Path:
+    from telechat2.configs import finetune_overrides, render_config
+
+    settings = finetune_overrides(
+        dataset_path=str(dataset), output_dir=str(output_dir), epochs=epochs, learning_rate=3e-3, **overrides
+    )
+    path.write_text(render_config("telechat2-tiny", "finetune", settings))
+    return path
+
+
+def finetune(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "telechat2.cli", "finetune", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def steps_in_log(output_dir: Path, rank: int = 0) -> list[tuple[int, float]]:
+    return read_loss_log((output_dir / "log" / f"rank_{rank}" / "info.log").read_text())
+
+
+def test_loss_log_parsing():
+    line = (
+        "INFO - { Epoch:[  3/  3], step:[    2/   16], loss:[4.473785/4.48], per_step_time: 2447ms, lr: 0.0002, "
+        "overflow cond: False, loss_scale: 1.0, global_norm: [1.78]"
+    )
+    assert read_loss_log(line) == [(34, 4.473785)]
+
+
+def test_newest_checkpoint_prefers_meta_then_highest_step(tmp_path):
+    rank_dir = tmp_path / "rank_0"
+    rank_dir.mkdir()
+    for name in ("telechat2_rank_0-1_9.ckpt", "telechat2_rank_0-1_12.ckpt", "telechat2_rank_0_1-2_3.ckpt"):
+        (rank_dir / name).write_bytes(b"x")
+    assert newest_checkpoint(tmp_path, 0).name == "telechat2_rank_0_1-2_3.ckpt"
+    (rank_dir / "meta.json").write_text(json.dumps({"last_ckpt_file": "telechat2_rank_0-1_12.ckpt"}))
+    assert newest_checkpoint(tmp_path, 0).name == "telechat2_rank_0-1_12.ckpt"
+    assert newest_checkpoint(tmp_path, 1) is None
+
+
+def test_config_problems_are_named(tmp_path, tiny_tokenizer_file):
+    from telechat2 import cli
+
+    config = write_config(tmp_path / "a.yaml", tmp_path / "absent.mindrecord", tmp_path / "out", 1)
+    assert cli.main(["finetune", "--config", str(config)]) == 1
+    dataset = write_dataset(tmp_path, tiny_tokenizer_file, 8)
+    config = write_config(tmp_path / "b.yaml", dataset, tmp_path / "out", 1)
+    with pytest.raises(FinetuneError, match="no checkpoint for rank 0"):
+        from telechat2.train import load_yaml_config, prepare_resume
+
+        args = cli.build_parser(["finetune"]).parse_args(["finetune", "--config", str(config), "--resume"])
+        prepare_resume(load_yaml_config(config, args))
+
+
+@pytest.mark.slow
+def test_finetune_loss_falls_and_resume_keeps_the_step_count(tmp_path, tiny_tokenizer_file):
+    dataset = write_dataset(tmp_path, tiny_tokenizer_file, 48)  # 24 rows, batch 2: 12 steps per epoch
+    output = tmp_path / "out"
+    finetune("--config", str(write_config(tmp_path / "e1.yaml", dataset, output, epochs=1, save_steps=6)), cwd=tmp_path)
+    first = steps_in_log(output)
+    assert [s for s, _ in first] == list(range(1, 13))
+    saved = CkptReader(newest_checkpoint(output / "checkpoint", 0))
+    assert int(saved.read("global_step")[0]) == 12
+
+    config2 = write_config(tmp_path / "e2.yaml", dataset, output, epochs=2, save_steps=6)
+    finetune("--config", str(config2), "--resume", cwd=tmp_path)
+    resumed = steps_in_log(output)[len(first) :]
+    assert [s for s, _ in resumed] == list(range(13, 25))  # continues at step 13, not 1
+    final = CkptReader(newest_checkpoint(output / "checkpoint", 0))
+    assert int(final.read("global_step")[0]) == 24
+    initial_loss, final_loss = first[0][1], resumed[-1][1]
+    assert final_loss < initial_loss - 1.0, (initial_loss, final_loss)
+    assert abs(resumed[0][1] - first[-1][1]) < 0.5  # the resumed run starts where the first one stopped
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_data_parallel_msrun_saves_rank_checkpoints_that_merge(tmp_path, tiny_tokenizer_file):
+    from telechat2.merge import merge
+
+    dataset = write_dataset(tmp_path, tiny_tokenizer_file, 32)  # 16 rows: 4 steps per rank at batch 2
+    output = tmp_path / "out"
+    config = write_config(tmp_path / "dp.yaml", dataset, output, epochs=1, save_steps=2, parallel={"data_parallel": 2})
+    command = [
+        *(
+            sys.executable,
+            "-m",
+            "telechat2.cli",
+            "launch",
+            "--local_worker_num",
+            "2",
+            "--master_port",
+            str(free_port()),
+        ),
+        *("--log_dir", str(tmp_path / "msrun_log"), "--cluster_time_out", "120", "--"),
+        *("telechat2", "finetune", "--config", str(config)),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    logs = "".join(p.read_text()[-2000:] for p in sorted((tmp_path / "msrun_log").glob("worker_*.log")))
+    assert result.returncode == 0, result.stdout[-2000:] + logs
+    for rank in (0, 1):
+        assert newest_checkpoint(output / "checkpoint", rank) is not None, f"no checkpoint for rank {rank}"
+        assert len(steps_in_log(output, rank)) == 4
+
+    summary = merge(output / "checkpoint", tmp_path / "merged", "telechat2_tiny")
+    merged = CkptReader(summary["path"])
+    rank1 = CkptReader(newest_checkpoint(output / "checkpoint", 1))
+    for name in ("lm_head.weight", "model.layers.1.attention.wk_v.weight"):
+        assert np.array_equal(merged.read(name), rank1.read(name))
