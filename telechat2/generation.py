@@ -132,6 +132,10 @@ def stream_generate(
     ids = [int(t) for t in input_ids]
     if not ids:
         raise ValueError("input_ids is empty: generation needs at least one prompt token")
+    vocab_size = model.architecture.vocab_size
+    outside = [t for t in ids if not 0 <= t < vocab_size]
+    if outside:
+        raise ValueError(f"token ids {outside[:5]} are outside the model's vocabulary of {vocab_size}")
     max_length = model.architecture.seq_length
     if len(ids) >= max_length:
         raise ValueError(f"prompt of {len(ids)} tokens leaves no room under the model's seq_length {max_length}")

@@ -7,10 +7,13 @@ checkpoint is used; with MindFormers' `{prefix}-{epoch}_{step}.ckpt` names that 
 MindSpore's own rule, the last file in lexicographic order.
 
 With a strategy (a file, or a directory of per-rank / per-pipeline-stage files, protobuf `.ckpt` or `.json`):
-the files are merged with `mindspore.merge_pipeline_strategys`, then `mindspore.transform_checkpoints(src, dst,
-prefix, strategy, None)` does the full merge. Without a strategy the run was data parallel: every rank holds a full
-copy, so the ranks are checked to agree (same tensors, shapes, dtypes, and bit-identical model weights) and rank 0's
-checkpoint is taken.
+the files are merged with `mindspore.merge_pipeline_strategys`, then the shards are merged by MindSpore: by default
+one parameter at a time with `mindspore.merge_sliced_parameter` (memory about the largest parameter; see
+tests/bench/results/checkpoint.md), or with `mindspore.transform_checkpoints(src, dst, prefix, strategy, None)`
+(`--engine transform`, which holds every shard in memory at once; used automatically for layouts the streaming
+merge does not take: parallel-optimizer or multi-axis sharding). Both give the same bytes (tested). Without a
+strategy the run was data parallel: every rank holds a full copy, so the ranks are checked to agree (same tensors,
+shapes, dtypes, and bit-identical model weights) and rank 0's checkpoint is taken.
 
 Output: `dst_ckpt_dir/rank_0/{prefix}0.ckpt`, MindSpore's layout for a merged checkpoint, so
 `load_checkpoint: dst_ckpt_dir` and `auto_trans_ckpt` find it. Before it is reported, the result is verified (every
@@ -28,15 +31,17 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from telechat2.checkpoint_io import CheckpointError, CkptReader
+from telechat2.checkpoint_io import CheckpointError, CkptReader, CkptWriter
 
 CKPT_STEP = re.compile(r"-(\d+)_(\d+)(?:_breakpoint)?\.ckpt$")
 MODEL_PREFIXES = ("model.", "lm_head.")
+ENGINES = ("auto", "stream", "transform")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +57,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--dst_ckpt_dir", "--dst-ckpt-dir", required=True, help="new directory for rank_0/{prefix}0.ckpt"
     )
     parser.add_argument("--prefix", default="checkpoint_", help="name of the merged file: {prefix}0.ckpt")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="sharded runs: stream (one parameter at a time, mindspore.merge_sliced_parameter), transform "
+        "(mindspore.transform_checkpoints, all shards in memory), auto (stream when the layouts allow)",
+    )
 
 
 # --- choosing the source files ------------------------------------------------------------------------------------
@@ -104,6 +116,13 @@ class ParamLayout:
     stage: int
     device_matrix: tuple[int, ...]
     splits: tuple[int, ...]  # how many pieces each tensor dimension is cut into
+    raw: Any = field(default=None, compare=False, repr=False)  # node_strategy_pb2.ParallelLayouts
+
+    @property
+    def streamable(self) -> bool:
+        """Layouts `mindspore.merge_sliced_parameter` merges: one tensor map, no parallel-optimizer sharding."""
+        maps = [m for m in self.raw.tensor_map if list(m.dim)]
+        return len(maps) <= 1 and self.raw.opt_weight_shard_size in (0, 1)
 
     @property
     def stage_devices(self) -> int:
@@ -159,12 +178,12 @@ def read_layouts(merged_strategy: Path) -> dict[str, list[ParamLayout]]:
         splits = [math.prod(device_matrix[len(device_matrix) - 1 - i] for i in axes if i != -1) for axes in per_dim]
         if layout.opt_weight_shard_size > 1 and splits:  # parallel optimizer cuts dim 0 further
             splits[0] *= layout.opt_weight_shard_size
-        layouts.setdefault(name, []).append(ParamLayout(int(stage), device_matrix, tuple(splits)))
+        layouts.setdefault(name, []).append(ParamLayout(int(stage), device_matrix, tuple(splits), layout))
     return layouts
 
 
-def check_shards_match_strategy(layouts: dict[str, list[ParamLayout]], readers: dict[int, CkptReader]) -> dict:
-    """Every rank the strategy needs is there and holds every parameter of its stage; returns full shapes."""
+def ranks_of_stages(layouts: dict[str, list[ParamLayout]]) -> dict[int, range]:
+    """Pipeline stage -> its global ranks (stages are numbered 0.. and hold consecutive ranks)."""
     stage_devices = {pl.stage: pl.stage_devices for pls in layouts.values() for pl in pls}
     stages = sorted(stage_devices)
     if stages != list(range(len(stages))):
@@ -173,6 +192,13 @@ def check_shards_match_strategy(layouts: dict[str, list[ParamLayout]], readers: 
     for stage in stages:
         stage_ranks[stage] = range(first_rank, first_rank + stage_devices[stage])
         first_rank += stage_devices[stage]
+    return stage_ranks
+
+
+def check_shards_match_strategy(layouts: dict[str, list[ParamLayout]], readers: dict[int, CkptReader]) -> dict:
+    """Every rank the strategy needs is there and holds every parameter of its stage; returns full shapes."""
+    stage_ranks = ranks_of_stages(layouts)
+    first_rank = stage_ranks[max(stage_ranks)].stop
     missing = [r for r in range(first_rank) if r not in readers]
     if missing:
         raise CheckpointError(
@@ -257,6 +283,36 @@ def check_replicas_agree(readers: dict[int, CkptReader]) -> None:
                 )
 
 
+def stream_merge(layouts: dict[str, list[ParamLayout]], readers: dict[int, CkptReader], out_file: Path) -> None:
+    """Merge one parameter at a time with `mindspore.merge_sliced_parameter`: memory ~ the largest parameter.
+
+    `mindspore.transform_checkpoints` loads every shard at once (and copies them), several times the model in
+    memory; here each parameter's slices are read from the rank files, merged and written before the next.
+    """
+    import mindspore as ms
+
+    stage_ranks = ranks_of_stages(layouts)
+    order = list(dict.fromkeys(name for reader in readers.values() for name in reader.entries))
+    with CkptWriter(out_file) as writer:
+        for name in order:
+            if name in layouts:
+                layout = min(layouts[name], key=lambda pl: pl.stage)  # a stage-shared parameter: the first stage's
+                slices = [readers[r].read(name) for r in stage_ranks[layout.stage]]
+                dtype = slices[0].dtype
+                parameters = [
+                    ms.Parameter(ms.Tensor(x.astype(np.float32) if x.dtype.name == "bfloat16" else x), name)
+                    for x in slices
+                ]
+                del slices
+                merged = ms.merge_sliced_parameter(parameters, {name: layout.raw}).asnumpy()
+                del parameters
+                values = merged if merged.dtype == dtype else merged.astype(dtype)
+            else:  # not described by the strategy: replicated training state, the same on every rank
+                values = readers[next(r for r in readers if name in readers[r].entries)].read(name)
+            writer.write(name, values.shape, values.dtype, [values])
+            del values
+
+
 def verify_merged(path: Path, expected: dict[str, tuple[int, ...]]) -> int:
     """Every expected parameter present at its full shape, every float tensor finite; returns the tensor count."""
     reader = CkptReader(path)
@@ -279,8 +335,21 @@ def verify_merged(path: Path, expected: dict[str, tuple[int, ...]]) -> int:
     return len(reader.entries)
 
 
-def merge(src_ckpt_dir: str | Path, dst_ckpt_dir: str | Path, prefix: str, strategy: str | Path | None = None) -> dict:
-    """Merge and verify; `dst_ckpt_dir/rank_0/{prefix}0.ckpt` appears only when everything checked out."""
+def merge(
+    src_ckpt_dir: str | Path,
+    dst_ckpt_dir: str | Path,
+    prefix: str,
+    strategy: str | Path | None = None,
+    engine: str = "auto",
+) -> dict:
+    """Merge and verify; `dst_ckpt_dir/rank_0/{prefix}0.ckpt` appears only when everything checked out.
+
+    engine (sharded runs): "stream" merges parameter by parameter with `mindspore.merge_sliced_parameter`,
+    "transform" calls `mindspore.transform_checkpoints` on all shards at once, "auto" streams when every layout
+    allows it (no parallel-optimizer sharding, one tensor map per parameter) and transforms otherwise.
+    """
+    if engine not in ENGINES:
+        raise CheckpointError(f"--engine {engine!r} must be one of {', '.join(ENGINES)}")
     started = time.monotonic()
     src, dst = Path(src_ckpt_dir), Path(dst_ckpt_dir)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
@@ -309,15 +378,24 @@ def merge(src_ckpt_dir: str | Path, dst_ckpt_dir: str | Path, prefix: str, strat
             check_unsharded_agree(layouts, readers)
             expected = {n: e.shape for r in readers.values() for n, e in r.entries.items() if n not in layouts}
             expected.update(full_shapes)
-            view = work / "src"  # exactly the chosen file per rank, as symlinks: the sources are only read
-            for rank, path in chosen.items():
-                (view / f"rank_{rank}").mkdir(parents=True)
-                os.symlink(path.resolve(), view / f"rank_{rank}" / path.name)
-            try:
-                ms.transform_checkpoints(str(view), str(out), prefix, str(merged_strategy), None)
-            except Exception as err:
-                raise CheckpointError(f"mindspore.transform_checkpoints failed: {err}") from err
-            mode = f"sharded ({len(readers)} ranks, {len({p.stage for v in layouts.values() for p in v})} stage(s))"
+            streamable = all(pl.streamable for pls in layouts.values() for pl in pls)
+            if engine == "stream" and not streamable:
+                raise CheckpointError("--engine stream: the strategy uses parallel-optimizer or multi-axis sharding")
+            use_stream = engine == "stream" or (engine == "auto" and streamable)
+            if use_stream:
+                stream_merge(layouts, readers, merged_file)
+            else:
+                view = work / "src"  # exactly the chosen file per rank, as symlinks: the sources are only read
+                for rank, path in chosen.items():
+                    (view / f"rank_{rank}").mkdir(parents=True)
+                    os.symlink(path.resolve(), view / f"rank_{rank}" / path.name)
+                try:
+                    ms.transform_checkpoints(str(view), str(out), prefix, str(merged_strategy), None)
+                except Exception as err:
+                    raise CheckpointError(f"mindspore.transform_checkpoints failed: {err}") from err
+            stages = len({p.stage for v in layouts.values() for p in v})
+            how = "merge_sliced_parameter, streamed" if use_stream else "transform_checkpoints"
+            mode = f"sharded ({len(readers)} ranks, {stages} stage(s), {how})"
         produced = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
         if produced != [merged_file.relative_to(out)]:
             raise CheckpointError(f"expected only {merged_file.relative_to(out)} from the merge, got {produced}")
@@ -340,7 +418,7 @@ def merge(src_ckpt_dir: str | Path, dst_ckpt_dir: str | Path, prefix: str, strat
 
 def run(args: argparse.Namespace) -> int:
     try:
-        summary = merge(args.src_ckpt_dir, args.dst_ckpt_dir, args.prefix, args.src_ckpt_strategy)
+        summary = merge(args.src_ckpt_dir, args.dst_ckpt_dir, args.prefix, args.src_ckpt_strategy, args.engine)
     except CheckpointError as err:
         print(f"telechat2 merge: error: {err}", file=sys.stderr)
         return 1

@@ -368,7 +368,6 @@ class TeleChat2Model(nn.Cell):
 
     def __init__(self, config: TeleChat2Config) -> None:
         super().__init__()
-        self.max_positions = config.seq_length
         self.tok_embeddings = TeleChat2Embedding(config)
         self.layers = nn.CellList([TeleChat2DecoderLayer(config) for _ in range(config.num_layers)])
         self.norm_out = TeleChat2RMSNorm(config.hidden_size, config)

@@ -14,9 +14,10 @@ counter; with nothing to resume from it says so and stops.
 Under `msrun` (see `telechat2 launch`) `use_parallel` is switched on automatically so every worker joins the
 data-parallel group; the same YAML runs on one process or many.
 
-CPU: MindFormers' training step asks the Ascend/GPU float-status registers whether the gradients overflowed. Those
-do not exist on CPU, so `use_portable_overflow_check` replaces that one method with the plain definition (any
-non-finite gradient) when `device_target` is CPU. Nothing else is patched.
+CPU: MindFormers' Trainer uses two Ascend/GPU-only pieces: the gradient-overflow check (float-status registers) and,
+with `use_parallel`, a collective Barrier around checkpoint loading. `apply_cpu_shims` replaces exactly those two with
+portable equivalents (any non-finite gradient; an AllReduce of one number) when `device_target` is CPU. Nothing
+else is patched.
 """
 
 from __future__ import annotations
@@ -48,18 +49,35 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 # --- the CPU shim ----------------------------------------------------------------------------------------------------
 
+# Modules that bound MindSpore's `barrier` by name (`from mindspore.communication.comm_func import barrier`).
+_BARRIER_USERS = (
+    "mindspore.communication.comm_func",
+    "mindformers.trainer.utils",
+    "mindformers.utils.load_checkpoint_utils",
+    "mindformers.core.callback.callback",
+    "mindformers.version_control",
+)
 
-def use_portable_overflow_check() -> None:
-    """Make MindFormers' MFTrainOneStepCell detect gradient overflow with portable ops (CPU only).
 
-    `TrainOneStepWithLossScaleCell.get_overflow_status` reads NPU/GPU float-status registers; on CPU it fails to
-    compile. The replacement computes the same answer from the (already all-reduced) gradients: overflow is any
-    non-finite value. Called only when `context.device_target` is CPU.
+def apply_cpu_shims() -> None:
+    """Replace the two Ascend/GPU-only pieces MindFormers' Trainer uses, with portable equivalents (CPU only).
+
+    1. Gradient overflow: `TrainOneStepWithLossScaleCell.get_overflow_status` reads NPU/GPU float-status registers
+       (the NPUGetFloatStatusV2 kernel does not exist on CPU). The replacement gives the same answer from the
+       (already all-reduced) gradients: overflow is any non-finite value.
+    2. Collective barrier: `mindspore.communication.comm_func.barrier` (the Barrier kernel is Ascend-only), used
+       around checkpoint loading and resuming when `use_parallel` is on, becomes an AllReduce of one number, which
+       completes only once every rank of the group has joined it.
+    Called only when `context.device_target` is CPU. Idempotent.
     """
-    from mindformers.wrapper.wrapper import MFTrainOneStepCell
-    from mindspore import ops
+    import importlib
 
-    if getattr(MFTrainOneStepCell, "_telechat2_portable_overflow", False):
+    import numpy as np
+    from mindformers.wrapper.wrapper import MFTrainOneStepCell
+    from mindspore import Tensor, ops
+    from mindspore.communication import GlobalComm
+
+    if getattr(MFTrainOneStepCell, "_telechat2_cpu_shims", False):
         return
     any_non_finite = ops.MultitypeFuncGraph("telechat2_any_non_finite")
 
@@ -71,8 +89,15 @@ def use_portable_overflow_check() -> None:
         flags = self.hyper_map(any_non_finite, compute_output)
         return ops.stack(flags).any()
 
+    def barrier(group: str = GlobalComm.WORLD_COMM_GROUP) -> None:
+        ops.AllReduce(group=group)(Tensor(np.ones(1, np.float32))).asnumpy()  # asnumpy: wait for completion
+
     MFTrainOneStepCell.get_overflow_status = get_overflow_status
-    MFTrainOneStepCell._telechat2_portable_overflow = True
+    for module_name in _BARRIER_USERS:
+        module = importlib.import_module(module_name)
+        if hasattr(module, "barrier"):
+            module.barrier = barrier
+    MFTrainOneStepCell._telechat2_cpu_shims = True
 
 
 # --- config ----------------------------------------------------------------------------------------------------------
@@ -157,7 +182,7 @@ def finetune(config) -> None:
 
     register_with_mindformers()
     if str(config.context.device_target).upper() == "CPU":
-        use_portable_overflow_check()
+        apply_cpu_shims()
     build_context(config)
     trainer = Trainer(args=config, task="text_generation")
     trainer.finetune(
@@ -175,4 +200,7 @@ def run(args: argparse.Namespace) -> int:
     except FinetuneError as err:
         print(f"telechat2 finetune: error: {err}", file=sys.stderr)
         return 1
+    rank = int(os.environ.get("RANK_ID", "0"))
+    saved = newest_checkpoint(Path(config.output_dir) / "checkpoint", rank)
+    print(f"telechat2 finetune: done; rank {rank}'s newest checkpoint: {saved or 'none saved'}")
     return 0

@@ -32,6 +32,8 @@ class OperatorConfig:
     backoff_max_seconds: float = 300.0
     # Every job is reconciled at least this often even without events (a safety net for missed watch events).
     resync_seconds: float = 300.0
+    # Minimum interval between status writes that only update the pod counts (status.pods).
+    status_counts_seconds: float = 2.0
     # Concurrent reconcile passes across all jobs, and concurrent pod creations within one pass.
     reconcile_workers: int = 8
     create_workers: int = 16

@@ -1,9 +1,11 @@
 """The job's state machine: (spec, last status, pods, clock) in -> (new status, actions) out.
 
 Pure: no API calls, no clock reads, no randomness, so every decision is a table test. The handler applies a
-`Plan` in a fixed order: write the status first (it records the intent: the attempt number, the restart, the
-failure), then perform the actions, which are all idempotent and derived from that status. A restarted operator
-therefore re-derives the same actions from the stored status and never counts a restart twice or duplicates a pod.
+`Plan` in a fixed order: creates, then the status write, then deletes. Every name created derives from state already
+stored (the attempt number is bumped in the pass that tears the old group down, long before the new group is
+created), so a crash after a create re-creates the same names (409); the status records a restart or a failure
+before the deletes it implies, so a crash in between never counts a restart twice. A restarted operator re-derives
+the same actions from the stored status and never duplicates a pod.
 
 States (`status.state`, the printer column): Pending -> Running -> [Restarting -> Pending -> Running]* ->
 Merging -> Succeeded, or Failed; Suspended from any non-terminal state.
@@ -96,7 +98,7 @@ class Event:
 
 @dataclasses.dataclass
 class Plan:
-    """What to do, in order: write `status` (if changed), delete, create, then post events."""
+    """What to do, in order: create, write `status` (if changed), delete, then post events."""
 
     status: dict[str, Any]
     delete_pods: list[str] = dataclasses.field(default_factory=list)

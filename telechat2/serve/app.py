@@ -32,6 +32,7 @@ from telechat2 import __version__
 from telechat2.serve import openai_api, tgi
 from telechat2.serve.auth import API_KEY_ENV, ApiKeySource
 from telechat2.serve.engine import Engine
+from telechat2.serve.metrics import MetricsMiddleware
 from telechat2.serve.runtime import ServerState, ServeSettings
 from telechat2.serve.schemas import ApiError
 
@@ -117,6 +118,12 @@ def create_app(settings: ServeSettings, load_engine: Callable[[], Engine], sse_p
     async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(request, exc)
 
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, exc: Exception) -> JSONResponse:
+        """A generation failure is still answered in the route's JSON dialect (and logged with its traceback)."""
+        log.error("request %s failed", request.url.path, exc_info=exc)
+        return error_response(request, ApiError(500, f"generation failed: {exc}", error_type="server_error"))
+
     app.include_router(tgi.build_router(state, parse_body, require_token, sse_ping))
     app.include_router(openai_api.build_router(state, parse_body, require_token, sse_ping))
 
@@ -139,19 +146,9 @@ def create_app(settings: ServeSettings, load_engine: Callable[[], Engine], sse_p
         body, content_type = state.metrics.render()
         return Response(body, media_type=content_type)
 
-    # Outermost, so 401/422/503 answers are counted too.
-    app.add_middleware(_AsgiWrapper, wrap=state.metrics.middleware)
+    # Around every route, so 401/422/503 answers are counted too.
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app
-
-
-class _AsgiWrapper:
-    """Adapts a function `app -> app` to Starlette's middleware signature."""
-
-    def __init__(self, app: Any, wrap: Callable[[Any], Any]) -> None:
-        self._app = wrap(app)
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self._app(scope, receive, send)
 
 
 @contextmanager

@@ -63,30 +63,32 @@ class ServerMetrics:
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-    def middleware(self, app: Any) -> Any:
-        """Pure ASGI middleware (not BaseHTTPMiddleware, which buffers streams and hides client disconnects)."""
-        metrics = self
 
-        async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
-            if scope["type"] != "http":
-                await app(scope, receive, send)
-                return
-            status = {"code": 500}
-            started = time.perf_counter()
+class MetricsMiddleware:
+    """Pure ASGI middleware (not BaseHTTPMiddleware, which buffers streams and hides client disconnects)."""
 
-            async def send_with_status(message: dict[str, Any]) -> None:
-                if message["type"] == "http.response.start":
-                    status["code"] = message["status"]
-                await send(message)
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
 
-            metrics.in_flight.inc()
-            try:
-                await app(scope, receive, send_with_status)
-            finally:
-                metrics.in_flight.dec()
-                route = scope.get("route")
-                label = getattr(route, "path", None) or "unmatched"
-                metrics.requests.labels(label, scope.get("method", ""), str(status["code"])).inc()
-                metrics.latency.labels(label).observe(time.perf_counter() - started)
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # what the client gets if the app raises before answering
+        started = time.perf_counter()
 
-        return wrapped
+        async def send_with_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            self.metrics.in_flight.dec()
+            route = getattr(scope.get("route"), "path", None) or "unmatched"  # set by the router on a match
+            self.metrics.requests.labels(route, scope.get("method", ""), str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)

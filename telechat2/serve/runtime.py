@@ -103,6 +103,8 @@ class ServerState:
     def check_limits(self, input_len: int, requested: int | None, input_field: str, max_field: str) -> int:
         """max_new_tokens for this request: the one asked for if it fits, else a 4xx naming the field."""
         s = self.settings
+        if input_len == 0:
+            raise ApiError(400, f"{input_field}: the prompt has no tokens", input_field)
         if input_len > s.max_input_token_len:
             raise ApiError(
                 400,
@@ -169,7 +171,7 @@ class GenerationRun:
         self.seen: list[TokenEvent] = []
 
     async def events(self) -> AsyncIterator[TokenEvent]:
-        special_ids = self.state.scheduler.engine.tokenizer.special_ids if self.state.scheduler.engine else ()
+        special_ids = self.text.tokenizer.special_ids
         first = True
         async for token in self.job.tokens():
             if first:

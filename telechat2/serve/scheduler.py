@@ -90,6 +90,7 @@ class Scheduler:
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread: threading.Thread | None = None
         self._running = 0
+        self._current: Job | None = None
         self._avg_seconds = 1.0  # moving average of a job's run time, for Retry-After
         self._on_job_done = on_job_done
 
@@ -107,7 +108,9 @@ class Scheduler:
             self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Cancel waiting jobs and stop the worker after the running job notices its cancellation."""
+        """Cancel the running and the waiting jobs, then stop the worker."""
+        if self._current is not None:
+            self._current.cancel("server shutting down")
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -149,7 +152,7 @@ class Scheduler:
 
     def _run(self, job: Job) -> None:
         assert self.engine is not None
-        self._running = 1
+        self._running, self._current = 1, job
         job.started_at = time.monotonic()
         generated = 0
         tokens = None
@@ -177,6 +180,6 @@ class Scheduler:
                 tokens.close()  # a generator left early runs its cleanup now, not at garbage collection
             elapsed = time.monotonic() - job.started_at
             self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * elapsed
-            self._running = 0
+            self._running, self._current = 0, None
             if self._on_job_done is not None:
                 self._on_job_done(job, generated, elapsed)

@@ -3,7 +3,7 @@
     .venv/bin/python tests/bench/bench_checkpoint.py [--workdir DIR] [--out tests/bench/results/checkpoint.md]
 
 Every figure comes from a child process: wall time around it, peak resident memory (RSS high-water mark) from
-`os.wait4`'s rusage (`ru_maxrss`) of exactly that child. Inputs are random float32 tensors; the merge input is a
+GNU time's %M (the child's `ru_maxrss`). Inputs are random float32 tensors; the merge input is a
 4-rank model-parallel run (each weight cut along one axis) with its strategy file in MindSpore's protobuf format, the
 conversion input a Hugging Face-layout safetensors checkpoint. All files live in a temporary directory that is
 deleted at the end. The page cache is warm for every run (inputs were just written), the same for `cp`.
@@ -38,15 +38,21 @@ BENCH_MODEL = TeleChat2Config(
 
 
 def measure(command: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of one child process; fails loudly if it fails."""
-    started = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.monotonic() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{command} failed: {process.stderr.read().decode()[-2000:]}")
-    process.stderr.close()
-    return wall, usage.ru_maxrss * 1024  # Linux reports KiB
+    """(wall seconds, peak RSS bytes) of one command, failing loudly if it fails.
+
+    The peak comes from GNU time's %M (the child's ru_maxrss from wait4). Measuring through `time` matters: a
+    child forked straight from this script would count this script's own memory, which Linux carries into the
+    child's high-water mark across fork and exec.
+    """
+    with tempfile.NamedTemporaryFile(mode="r") as stats:
+        started = time.monotonic()
+        result = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", "-o", stats.name, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        wall = time.monotonic() - started
+        if result.returncode != 0:
+            raise RuntimeError(f"{command} failed: {result.stderr.decode()[-2000:]}")
+        return wall, int(stats.read().split()[-1]) * 1024  # GNU time reports KiB
 
 
 def tree_bytes(path: Path) -> int:
@@ -81,6 +87,9 @@ def write_sharded_run(root: Path) -> Path:
         entry.parallel_layouts.tensor_map.add().dim.extend(described["tensor_map"])
         entry.parallel_layouts.param_split_shape.add()
         entry.parallel_layouts.indices_offset.add()
+        entry.parallel_layouts.field = 0  # required proto2 fields: no field/optimizer sharding
+        entry.parallel_layouts.opt_weight_shard_step = 0
+        entry.parallel_layouts.opt_weight_shard_size = 0
     (root / "output" / "strategy").mkdir(parents=True)
     for rank in range(MP):
         (root / "output" / "strategy" / f"ckpt_strategy_rank_{rank}.ckpt").write_bytes(strategy.SerializeToString())

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -189,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     import sentencepiece as spm
 
     work = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
+    try:
+        return run_bench(args, work, spm)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_bench(args: argparse.Namespace, work: Path, spm) -> int:
     vocab = train_tiny_tokenizer(work / "tokenizer.model")
     tokenizer = TeleChat2Tokenizer(vocab)
     records = generate_records(args.lines)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tests.cluster.components import COMPONENTS, Component
 from tests.cluster.errors import ClusterError
+from tests.cluster.procs import tail
 
 MARKER_NAME = ".complete"
 
@@ -101,7 +102,9 @@ def build_component(component: Component, go: str, root: Path, log: Callable[[st
                 command, cwd=component.module_path, env=env, stdout=log_file, stderr=subprocess.STDOUT, check=False
             )
             if result.returncode != 0:
-                raise ClusterError(component.name, f"go build failed with exit code {result.returncode}", log_path)
+                log_file.flush()
+                problem = f"go build failed with exit code {result.returncode}"
+                raise ClusterError(component.name, problem, log_path, tail(log_path, 10))
             check = subprocess.run(
                 [str(staging / component.name), *component.version_args],
                 stdout=subprocess.PIPE,

@@ -28,7 +28,7 @@ from tests.cluster.errors import ClusterError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STATE_DIR = REPO_ROOT / ".cluster"
 MANIFESTS_DIR = Path(__file__).resolve().parent / "manifests"
-READY_TIMEOUT = float(os.environ.get("TELECHAT_CLUSTER_READY_TIMEOUT", "180"))
+READY_TIMEOUT = float(os.environ.get("TELECHAT_CLUSTER_READY_TIMEOUT", "180"))  # generous: CI's 2 cores are busy
 # Entries of a state dir that a fresh start replaces; nothing else in the directory is ever deleted.
 _STATE_ENTRIES = ("etcd-data", "pki", "kubeconfigs", "kwok", "logs", "kubeconfig", "cluster.json", "nodes.yaml")
 # Stop order: clients first, etcd last.
@@ -203,9 +203,9 @@ class LocalCluster(ClusterHandle):
                     code = process.exit_code()
                     raise ClusterError(
                         process.name,
-                        f"exited (code {code}) while waiting for {what}; last log lines:\n"
-                        f"{procs.tail(process.log_path)}\n",
+                        f"exited (code {code}) while waiting for {what}",
                         process.log_path,
+                        procs.tail(process.log_path),
                     )
             if probe():
                 self.timings[component if what == "ready" else what] = time.monotonic() - started
@@ -213,11 +213,7 @@ class LocalCluster(ClusterHandle):
                 return
             if time.monotonic() > deadline:
                 log_path = self.logs_dir / f"{component}.log"
-                raise ClusterError(
-                    component,
-                    f"not {what} within {READY_TIMEOUT:.0f}s; last log lines:\n{procs.tail(log_path)}\n",
-                    log_path,
-                )
+                raise ClusterError(component, f"not {what} within {READY_TIMEOUT:.0f}s", log_path, procs.tail(log_path))
             time.sleep(0.25)
 
     def _wait_http(self, component: str, url: str, tls: ssl.SSLContext | None, started: float) -> None:

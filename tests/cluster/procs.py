@@ -175,8 +175,10 @@ def rss_kib(pid: int) -> int | None:
 
 
 def tail(path: Path, lines: int = 5) -> str:
+    """The last lines a component logged (not the command line we logged before it)."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
+    logged = [line[:300] for line in text.splitlines() if line.strip() and not line.startswith("$ ")]
+    return "\n".join(logged[-lines:])

@@ -351,3 +351,24 @@ def test_multi_node_group_is_recreated_whole_when_one_pod_fails(
         "the group pods and Services to go",
     )
     assert get(cluster, ns, "deployment", "big")["status"]["readyReplicas"] == 1
+
+
+def test_operator_killed_mid_rollout_resumes_without_duplicates(
+    cluster: ClusterHandle, operator: Operator, ns: str
+) -> None:
+    apply(
+        cluster,
+        ns,
+        inference("solo", replicas=2),
+        inference("pair", devicesPerReplica=1, nodesPerReplica=2),
+    )
+    wait_for(lambda: get(cluster, ns, "pods", "-l", "telechat.io/inference-name")["items"], "the first pods")
+    operator.process.kill()  # SIGKILL in the middle of creating children
+    cluster.kubectl("scale", "telechatinference/solo", "--replicas=1", "-n", ns)  # changed while nobody watched
+    operator.process.start()
+    wait_ready(cluster, operator, ns, "solo", replicas=1)
+    wait_ready(cluster, operator, ns, "pair", replicas=1)
+    pods = get(cluster, ns, "pods", "-l", "telechat.io/inference-name=pair")["items"]
+    assert sorted(p["metadata"]["name"] for p in pods) == ["pair-g0-0", "pair-g0-1"]
+    assert len(get(cluster, ns, "deployments", "-l", "telechat.io/inference-name=solo")["items"]) == 1
+    assert len(get(cluster, ns, "services", "-l", "telechat.io/inference-name=pair")["items"]) == 2  # main + group

@@ -15,8 +15,9 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.cluster import build, pki, procs, render
+from tests.cluster import build, controlplane, pki, procs, render
 from tests.cluster.components import COMPONENTS_BY_NAME, Component, pinned_version
+from tests.cluster.controlplane import LocalCluster
 from tests.cluster.errors import ClusterError
 
 # -- ports -----------------------------------------------------------------------------------------------------
@@ -313,3 +314,44 @@ def test_a_recycled_pid_is_not_ours(tmp_path: Path) -> None:
     )
     assert not procs.read_pidfile(pidfile)[0].alive()  # pid 1 exists but started at another time
     assert procs.reap(pidfile) == 0
+
+
+# -- start-up faults ------------------------------------------------------------------------------------------
+
+
+def _script(path: Path, body: str) -> Path:
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return path
+
+
+def _fake_binaries(tmp_path: Path, etcd_body: str) -> dict[str, Path]:
+    idle = _script(tmp_path / "idle", "sleep 60")
+    binaries = {name: idle for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")}
+    binaries["kubectl"] = idle
+    binaries["etcd"] = _script(tmp_path / "etcd", etcd_body)
+    return binaries
+
+
+def test_a_component_that_crashes_is_named_with_its_log(tmp_path: Path) -> None:
+    cluster = LocalCluster(tmp_path / "state", die_with_parent=True)
+    binaries = _fake_binaries(tmp_path, "echo 'etcd: bad flag --foo' >&2; exit 3")
+    with pytest.raises(ClusterError) as caught:
+        cluster.start(binaries)
+    error = caught.value
+    assert error.component == "etcd"
+    assert error.log_path == tmp_path / "state" / "logs" / "etcd.log"
+    assert "exited (code 3)" in str(error) and "bad flag --foo" in str(error)
+    assert cluster.processes == [] and not cluster.pidfile.exists()
+
+
+def test_a_component_that_never_gets_ready_times_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(controlplane, "READY_TIMEOUT", 1.0)
+    cluster = LocalCluster(tmp_path / "state", die_with_parent=True)
+    binaries = _fake_binaries(tmp_path, "echo 'etcd: waiting forever' >&2; exec sleep 60")
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match=r"etcd: not ready within 1s \(log: .*etcd.log\)") as caught:
+        cluster.start(binaries)
+    assert "waiting forever" in str(caught.value)
+    assert time.monotonic() - started < 15
+    assert cluster.processes == []

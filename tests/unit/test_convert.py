@@ -274,3 +274,16 @@ def test_parse_size():
     assert parse_size("1000") == 1000
     with pytest.raises(CheckpointError, match="max_shard_size"):
         parse_size("lots")
+
+
+def test_torch_bin_without_torch_says_what_to_do(tmp_path):
+    try:  # torch is not a dependency; when it is installed, .bin files convert instead
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("torch is installed")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(CheckpointError, match="pytorch_model.*need torch"):
+        convert_hf_to_ms(tmp_path / "hf", tmp_path / "x.ckpt", tiny_config())

@@ -158,6 +158,8 @@ def test_cancellation_and_length_limits(model):
         generate(model, [7] * 64, GREEDY)
     with pytest.raises(ValueError, match="empty"):
         generate(model, [], GREEDY)
+    with pytest.raises(ValueError, match=r"\[512\] are outside the model's vocabulary of 512"):
+        generate(model, [1, 512], GREEDY)
 
 
 def _drain(stream) -> tuple[list[int], str]:

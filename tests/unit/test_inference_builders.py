@@ -79,6 +79,14 @@ def test_parallel_config_shards_over_the_replica_and_covers_the_kv_cache() -> No
     assert model["extend_method"] == "DYNAMIC_NTK"
 
 
+def test_finetune_checkpoints_load_in_the_training_layout() -> None:
+    spec = inference_spec(checkpoint={"fromFinetune": "ft"}, devicesPerReplica=2)
+    from_finetune = ResolvedCheckpoint(path="/out/merged/rank_0/x.ckpt", vocab_file="/t", from_finetune="ft")
+    assert yaml.safe_load(render_predict_config(spec, from_finetune))["model"]["model_config"]["qkv_concat"] is False
+    converted = yaml.safe_load(render_predict_config(inference_spec(devicesPerReplica=2), path_checkpoint()))
+    assert converted["model"]["model_config"]["qkv_concat"] is True  # the seed's converted serving weights
+
+
 def test_a_layout_the_model_cannot_split_is_refused_by_name() -> None:
     from telechat2.configs import ConfigError
 

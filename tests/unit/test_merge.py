@@ -128,19 +128,23 @@ def assert_equals_full(merged_file: Path, full: dict[str, np.ndarray]) -> None:
         assert reader.read(name).tobytes() == value.tobytes(), name
 
 
-def test_merges_tensor_parallel_shards_bit_exactly(tp_run, tmp_path):
+@pytest.mark.parametrize("engine", ["stream", "transform"])
+def test_merges_tensor_parallel_shards_bit_exactly(tp_run, tmp_path, engine):
     root, full = tp_run
     shard = CkptReader(next((root / "output" / "checkpoint" / "rank_1").glob("*.ckpt")))
     assert shard.entries["model.layers.0.attention.wq.weight"].shape == (32, 64)  # really cut by mp=2
     before = tree_hashes(root / "output")
-    summary = merge(root / "output" / "checkpoint", tmp_path / "merged", "telechat_tiny", root / "output" / "strategy")
+    strategy = root / "output" / "strategy"
+    summary = merge(root / "output" / "checkpoint", tmp_path / "merged", "telechat_tiny", strategy, engine)
+    assert ("merge_sliced_parameter" if engine == "stream" else "transform_checkpoints") in summary["mode"]
     assert summary["path"] == str(tmp_path / "merged" / "rank_0" / "telechat_tiny0.ckpt")
     assert_equals_full(Path(summary["path"]), full)
     assert tree_hashes(root / "output") == before
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
 
 
-def test_merges_pipeline_stages(tmp_path):
+@pytest.mark.parametrize("engine", ["auto", "transform"])
+def test_merges_pipeline_stages(tmp_path, engine):
     full = make_sharded_run(tmp_path, pipeline=True)
     rank3 = CkptReader(next((tmp_path / "output" / "checkpoint" / "rank_3").glob("*.ckpt")))
     assert "model.layers.0.attention.wq.weight" not in rank3.entries  # stage 1 holds layer 1 only
@@ -148,7 +152,7 @@ def test_merges_pipeline_stages(tmp_path):
     code = cli.main(
         [
             *("merge", "--src_ckpt_strategy", str(output / "strategy"), "--src-ckpt-dir", str(output / "checkpoint")),
-            *("--dst_ckpt_dir", str(tmp_path / "m"), "--prefix", "telechat_tiny"),
+            *("--dst_ckpt_dir", str(tmp_path / "m"), "--prefix", "telechat_tiny", "--engine", engine),
         ]
     )
     assert code == 0

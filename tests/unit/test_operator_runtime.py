@@ -121,3 +121,21 @@ def test_work_queue_requeues_and_retries_errors() -> None:
     assert len(times) == 3
     assert times[1] - times[0] >= 0.9  # error retry: 0.5 * 2^1 seconds
     assert times[2] - times[1] >= 0.04  # the requested requeue
+
+
+def test_pod_count_only_status_updates_are_batched() -> None:
+    from telechat_operator.handlers import finetune
+    from telechat_operator.status import Plan
+
+    old = {"state": "Pending", "pods": {"pending": 2, "running": 0}}
+    finetune.last_status_write[("ns", "job")] = time.monotonic()
+    counts_only = Plan(status={"state": "Pending", "pods": {"pending": 1, "running": 1}})
+    finetune.defer_count_only_update(("ns", "job"), old, counts_only)
+    assert counts_only.status["pods"] == old["pods"] and counts_only.requeue_after is not None
+    transition = Plan(status={"state": "Running", "pods": {"pending": 0, "running": 2}})
+    finetune.defer_count_only_update(("ns", "job"), old, transition)
+    assert transition.status["pods"] == {"pending": 0, "running": 2} and transition.requeue_after is None
+    finetune.last_status_write.clear()
+    first = Plan(status={"state": "Pending", "pods": {"pending": 1, "running": 1}})
+    finetune.defer_count_only_update(("ns", "job"), old, first)
+    assert first.status["pods"] == {"pending": 1, "running": 1}

@@ -60,8 +60,8 @@ def test_two_ranks_serve_in_lockstep(tmp_path: Path, tiny_tokenizer_file: Path) 
         assert answer.status_code == 200, answer.text
         generated = answer.json()["details"]["generated_tokens"]
         leader.send_signal(signal.SIGTERM)
-        assert leader.wait(30) == 0
-        assert follower.wait(30) == 0  # rank 0 closed the channel: the follower ends cleanly
+        assert leader.wait(30) in (0, -signal.SIGTERM)  # uvicorn drains, then re-raises the signal it caught
+        assert follower.wait(120) == 0  # rank 0 closed the channel: the follower finishes its jobs and ends
         follower_log = (tmp_path / "rank1.log").read_text()
         assert f"job 1: {generated} tokens in lockstep with rank 0" in follower_log
     finally:

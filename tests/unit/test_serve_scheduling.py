@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 from telechat2.cli import build_parser
 from telechat2.serve import distributed
@@ -133,6 +134,40 @@ def test_non_streaming_disconnect_cancels_generation(tiny_tokenizer: TeleChat2To
         connection.close()  # the client gives up before the answer
         assert engine.ended.wait(15), "generation kept running after the client left"
         assert engine.produced[-1] < 500
+
+
+class ScriptedEngine:
+    """Fake engine that "generates" a fixed answer: lets a test see tool-call parsing a random model never reaches."""
+
+    def __init__(self, tokenizer: TeleChat2Tokenizer, answer: str) -> None:
+        self.tokenizer = tokenizer
+        self.defaults = SamplingParams(max_new_tokens=64)
+        self.answer_ids = tokenizer.encode(answer)
+
+    def stream(self, input_ids: list[int], params: SamplingParams, should_stop: Callable[[], bool]) -> Iterator[int]:
+        yield from self.answer_ids[: params.max_new_tokens]
+        return "stop"
+
+
+def test_tool_calls_come_back_as_openai_tool_calls(tiny_tokenizer: TeleChat2Tokenizer) -> None:
+    answer = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Beijing"}}\n</tool_call>'
+    engine = ScriptedEngine(tiny_tokenizer, answer)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    request = {"messages": [{"role": "user", "content": "weather?"}], "tools": tools}
+    with TestClient(create_app(ServeSettings(max_seq_len=512, max_input_token_len=448), lambda: engine)) as client:
+        wait_until(lambda: client.get("/v2/health/ready").status_code == 200)
+        choice = client.post("/v1/chat/completions", json=request).json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["content"] == "Let me check."
+        [call] = choice["message"]["tool_calls"]
+        assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Beijing"}'}
+        streamed = client.post("/v1/chat/completions", json={**request, "stream": True}).text
+        data = [line.removeprefix("data:").strip() for line in streamed.splitlines() if line.startswith("data:")]
+        assert data[-1] == "[DONE]"
+        chunks = [json.loads(payload) for payload in data[:-1]]
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        assert deltas[-2]["tool_calls"][0]["function"]["name"] == "get_weather"
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
 # -- text: incremental detokenization and stop strings ----------------------------------------------------------------

@@ -124,11 +124,25 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_data_parallel_msrun_saves_rank_checkpoints_that_merge(tmp_path, tiny_tokenizer_file):
+    from telechat2.configs import architecture
+    from telechat2.convert import convert_hf_to_ms
     from telechat2.merge import merge
+    from tests.unit.test_convert import make_hf_checkpoint
 
     dataset = write_dataset(tmp_path, tiny_tokenizer_file, 32)  # 16 rows: 4 steps per rank at batch 2
+    # Start from converted Hugging Face weights (standard-normal: far from a fresh init, whose loss is ln 512 = 6.2).
+    make_hf_checkpoint(tmp_path / "hf", architecture("telechat2-tiny"), files=1)
+    convert_hf_to_ms(tmp_path / "hf", tmp_path / "start.ckpt", architecture("telechat2-tiny"))
     output = tmp_path / "out"
-    config = write_config(tmp_path / "dp.yaml", dataset, output, epochs=1, save_steps=2, parallel={"data_parallel": 2})
+    config = write_config(
+        tmp_path / "dp.yaml",
+        dataset,
+        output,
+        epochs=1,
+        save_steps=2,
+        parallel={"data_parallel": 2},
+        load_checkpoint=str(tmp_path / "start.ckpt"),
+    )
     command = [
         *(
             sys.executable,
@@ -148,10 +162,31 @@ def test_data_parallel_msrun_saves_rank_checkpoints_that_merge(tmp_path, tiny_to
     assert result.returncode == 0, result.stdout[-2000:] + logs
     for rank in (0, 1):
         assert newest_checkpoint(output / "checkpoint", rank) is not None, f"no checkpoint for rank {rank}"
-        assert len(steps_in_log(output, rank)) == 4
+        losses = steps_in_log(output, rank)
+        assert len(losses) == 4
+        assert losses[0][1] > 12, "load_checkpoint was not loaded: the first loss is a fresh model's"
 
     summary = merge(output / "checkpoint", tmp_path / "merged", "telechat2_tiny")
     merged = CkptReader(summary["path"])
     rank1 = CkptReader(newest_checkpoint(output / "checkpoint", 1))
     for name in ("lm_head.weight", "model.layers.1.attention.wk_v.weight"):
         assert np.array_equal(merged.read(name), rank1.read(name))
+
+
+def test_cpu_overflow_check_flags_non_finite_gradients():
+    """The shim's replacement answers what the float-status registers would: any inf/nan in the gradients."""
+    from types import SimpleNamespace
+
+    import mindspore as ms
+    from mindformers.wrapper.wrapper import MFTrainOneStepCell
+    from mindspore import ops
+
+    from telechat2.train import apply_cpu_shims
+
+    apply_cpu_shims()
+    cell = SimpleNamespace(hyper_map=ops.HyperMap())
+    finite = (ms.Tensor(np.ones((2, 3), np.float32)), ms.Tensor(np.zeros(4, np.float32)))
+    for bad in (np.inf, np.nan):
+        broken = (finite[0], ms.Tensor(np.array([0, bad, 0, 0], np.float32)))
+        assert bool(MFTrainOneStepCell.get_overflow_status(cell, None, broken).asnumpy())
+    assert not bool(MFTrainOneStepCell.get_overflow_status(cell, None, finite).asnumpy())

@@ -106,6 +106,9 @@ def predict_overrides(spec: InferenceSpec, checkpoint: ResolvedCheckpoint, base:
         model_config["extend_method"] = "DYNAMIC_NTK"
         model_config["max_position_embedding"] = spec.trained_seq_length
     base_model = (base.get("model") or {}).get("model_config") or {}
+    if checkpoint.from_finetune and base_model.get("qkv_concat"):
+        # A merged finetune checkpoint keeps the training layout (separate q and fused kv), not qkv_concat.
+        model_config["qkv_concat"] = False
     if "num_blocks" in base_model:
         block_size = int(base_model.get("block_size") or ic.KV_BLOCK_SIZE)
         # Paged KV cache: num_blocks * block_size must cover the longest sequence.

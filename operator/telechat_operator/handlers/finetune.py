@@ -1,13 +1,14 @@
 """TeleChatFinetune: thin kopf glue. Watch events trigger a keyed reconcile; the decisions live in `status.py`.
 
 One pass: read the job and its pods (fresh, from the API), decide (pure), then apply the plan in the order
-`status.py` documents: status first, then deletes, then creates, then Events.
+`apply_plan` documents: creates, status, deletes, Events.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Mapping
+import time
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -68,21 +69,40 @@ def reconcile_finetune(key: Hashable) -> float | None:
             plan = reconcile(
                 spec, old_status, pods, now, Backoff(config.backoff_base_seconds, config.backoff_max_seconds)
             )
-        apply_plan(job, spec, old_status, plan)
+        defer_count_only_update(key, old_status, plan)
+        if apply_plan(job, spec, old_status, plan):
+            last_status_write[key] = time.monotonic()
         states.observe(key, plan.status.get("state"))
     if plan.requeue_after is not None:
         return min(plan.requeue_after, config.resync_seconds)
     return config.resync_seconds
 
 
-def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Mapping[str, Any], plan: Plan) -> None:
+# When each job's status was last written: pod-count-only updates are batched (see defer_count_only_update).
+last_status_write: dict[Hashable, float] = {}
+
+
+def defer_count_only_update(key: Hashable, old_status: Mapping[str, Any], plan: Plan) -> None:
+    """A status change that is only `status.pods` (a pod went Pending -> Running) waits until
+    `status_counts_seconds` after the previous write: a 64-node job then costs a few writes, not 128, and the
+    job's watchers (including this operator) see a handful of events instead of a storm."""
+    if set(status_patch(old_status, plan.status)) != {"pods"}:
+        return
+    wait = config.status_counts_seconds - (time.monotonic() - last_status_write.get(key, float("-inf")))
+    if wait > 0:
+        plan.status["pods"] = old_status.get("pods")
+        plan.requeue(wait)
+
+
+def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Mapping[str, Any], plan: Plan) -> bool:
+    """Creates, then the status, then deletes, then Events.
+
+    Creating before writing the status is safe because every name derives from the stored status (a crash in
+    between re-creates the same names: 409); deleting after it records the intent first (a crash in between
+    re-derives the same deletes and never counts a restart twice).
+    """
     meta = job["metadata"]
-    patch = status_patch(old_status, plan.status)
-    if patch:
-        k8s.patch_finetune_status(meta["namespace"], meta["name"], patch)
-    count_transitions(old_status, plan.status)
-    for pod_name in plan.delete_pods:
-        k8s.delete_pod(meta["namespace"], pod_name)
+    started = time.monotonic()
     if spec is not None:
         try:
             create_children(spec, plan)
@@ -90,31 +110,58 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
             if err.status not in (400, 422):
                 raise
             # The apiserver rejected a child built from this spec (e.g. a malformed volume): not retryable.
-            field = "spec (pod template)" if plan.create_ranks or plan.create_merge else "spec"
-            invalid = invalid_spec_plan(plan.status, SpecError(field, err.message), spec.generation, datetime.now(UTC))
-            k8s.patch_finetune_status(meta["namespace"], meta["name"], status_patch(plan.status, invalid.status))
-            plan.events.extend(invalid.events)
+            invalid = invalid_spec_plan(
+                plan.status, SpecError("spec (pod template)", err.message), spec.generation, datetime.now(UTC)
+            )
+            invalid.events[:0] = plan.events
+            plan = invalid
+    patch = status_patch(old_status, plan.status)
+    if patch:
+        k8s.patch_finetune_status(meta["namespace"], meta["name"], patch)
+    count_transitions(old_status, plan.status)
+    for pod_name in plan.delete_pods:
+        k8s.delete_pod(meta["namespace"], pod_name)
     for event in plan.events:
         k8s.post_event(job, event.type, event.reason, event.message)
+    if patch or plan.create_ranks or plan.create_merge or plan.delete_pods:
+        logger.info(
+            "%s/%s: state=%s attempt=%s created ranks %s%s, deleted %s, status %s (%.0f ms)",
+            meta["namespace"],
+            meta["name"],
+            plan.status.get("state"),
+            plan.status.get("attempt"),
+            plan.create_ranks,
+            f" and merge pod {plan.create_merge}" if plan.create_merge else "",
+            plan.delete_pods,
+            sorted(patch),
+            1000 * (time.monotonic() - started),
+        )
+    return bool(patch)
 
 
 def create_children(spec: FinetuneSpec, plan: Plan) -> None:
+    """Every object of the pass at once: pods need not wait for their ConfigMap (the kubelet does)."""
+    attempt = int(plan.status["attempt"])
+    creations: list[Callable[[], object]] = []
     if plan.ensure_children:
         config_map = build_config_map(spec)
-        k8s.create_or_patch(config_map, {"data": config_map["data"]})
-        k8s.create(build_service(spec))
+        creations.append(lambda: k8s.create_or_patch(config_map, {"data": config_map["data"]}))
+        creations.append(lambda: k8s.create(build_service(spec)))
         if spec.gang_scheduled:
-            k8s.create(build_pod_group(spec))
-    attempt = int(plan.status["attempt"])
-    pods = [build_rank_pod(spec, rank, attempt) for rank in plan.create_ranks]
-    if len(pods) > 1:
-        with ThreadPoolExecutor(max_workers=min(config.create_workers, len(pods))) as pool:
-            list(pool.map(k8s.create, pods))  # list() re-raises the first failure
-    elif pods:
-        k8s.create(pods[0])
+            creations.append(lambda: k8s.create(build_pod_group(spec)))
+    for rank in plan.create_ranks:
+        pod = build_rank_pod(spec, rank, attempt)
+        creations.append(lambda pod=pod: k8s.create(pod))
     if plan.create_merge is not None:
         metrics.MERGES.labels(kind=KIND).inc()
-        k8s.create(build_merge_pod(spec, plan.create_merge))
+        merge_pod = build_merge_pod(spec, plan.create_merge)
+        creations.append(lambda: k8s.create(merge_pod))
+    if len(creations) == 1:
+        creations[0]()
+    elif creations:
+        with ThreadPoolExecutor(max_workers=min(config.create_workers, len(creations))) as pool:
+            for future in [pool.submit(create) for create in creations]:
+                future.result()  # re-raises the first failure after all were attempted
 
 
 def count_transitions(old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
@@ -132,6 +179,7 @@ queue = WorkQueue(KIND, reconcile_finetune, workers=config.reconcile_workers)
 async def finetune_changed(type: str | None, name: str, namespace: str, **_: Any) -> None:
     if type == "DELETED":
         queue.forget((namespace, name))
+        last_status_write.pop((namespace, name), None)
         states.observe((namespace, name), None)
         return
     queue.trigger((namespace, name))

@@ -1,0 +1,47 @@
+"""The finetune operator's layering: pure modules import no client, only `k8s.py` talks to the API."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "telechat_operator"
+PURE = [
+    "constants.py",
+    "spec.py",
+    "status.py",
+    "builders/names.py",
+    "builders/common.py",
+    "builders/configmap.py",
+    "builders/service.py",
+    "builders/podgroup.py",
+    "builders/pods.py",
+]
+CLIENTS = ("kubernetes", "kopf", "urllib3", "aiohttp", "telechat_operator.k8s", "telechat_operator.handlers")
+
+
+def imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_pure_modules_import_no_client(module: str) -> None:
+    imports = imported_modules(PACKAGE / module)
+    offending = sorted(name for name in imports if name.startswith(CLIENTS))
+    assert offending == [], f"{module} imports {offending}"
+
+
+def test_only_k8s_py_imports_the_kubernetes_client_among_the_finetune_modules() -> None:
+    finetune_modules = [*PURE, "handlers/finetune.py", "workqueue.py", "settings.py", "metrics.py", "__main__.py"]
+    users = [m for m in finetune_modules if any(n.startswith("kubernetes") for n in imported_modules(PACKAGE / m))]
+    assert users == []
+    assert "kubernetes" in imported_modules(PACKAGE / "k8s.py")
