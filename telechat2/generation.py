@@ -120,8 +120,9 @@ def stream_generate(
 ) -> Iterator[int]:
     """Yield new token ids one by one for a single prompt; returns the finish reason (see the module docstring).
 
-    With `use_cache` the prompt is run once and each step feeds one token against the KV cache; without it every
-    step reruns the whole sequence (slow, for checking the cache). `should_stop` is polled before each step, so a
+    With `use_cache` the prompt is run once (PyNative) and each later step feeds one token to the compiled
+    static-cache decoder (`TeleChat2StaticCacheDecoder`); without it every step reruns the whole sequence (slow,
+    the reference the cache is tested against). `should_stop` is polled before each step, so a
     server can cancel when its client disconnects.
     """
     import mindspore as ms
@@ -144,20 +145,22 @@ def stream_generate(
     stop_ids = set(config.stop_token_ids)
     budget = min(config.max_new_tokens, max_length - len(ids))
 
-    cache = None
-    feed = ids
+    decoder = model.static_decoder() if config.use_cache else None
+    keys = values = None
     for _ in range(budget):
         if should_stop is not None and should_stop():
             return "cancelled"
-        if config.use_cache:
-            logits, cache = model.forward(_as_tensor(feed), cache, len(ids) - len(feed), last_only=True)
-        else:
+        if decoder is None:  # no cache: rerun the whole sequence
             logits, _ = model.forward(_as_tensor(ids), last_only=True)
+        elif keys is None:  # prefill: the prompt in one pass, its keys and values into fixed-size caches
+            logits, cache = model.forward(_as_tensor(ids), last_only=True)
+            keys, values = decoder.empty_cache(cache)
+        else:  # one compiled step for the newest token
+            logits, keys, values = decoder.step(ids[-1], len(ids) - 1, keys, values)
         token = next_token(logits.asnumpy()[0, -1], ids, config, rng)
         if token in stop_ids:
             return "stop"
         ids.append(token)
-        feed = [token]
         yield token
     return "length"
 

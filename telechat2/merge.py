@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,23 @@ def check_unsharded_agree(layouts: dict[str, list[ParamLayout]], readers: dict[i
 # --- merging ------------------------------------------------------------------------------------------------------
 
 
+CHUNK_VALUES = 1 << 24  # compare and check tensors in pieces of 16M values, so memory stays flat
+
+
+def chunks(reader: CkptReader, name: str) -> Iterator[tuple[int, int]]:
+    entry = reader.entries[name]
+    total = entry.nbytes // entry.dtype.itemsize
+    for start in range(0, total, CHUNK_VALUES):
+        yield start, min(CHUNK_VALUES, total - start)
+
+
+def same_bits(a: CkptReader, b: CkptReader, name: str) -> bool:
+    return all(
+        np.array_equal(a.read_flat(name, start, n).view(np.uint8), b.read_flat(name, start, n).view(np.uint8))
+        for start, n in chunks(a, name)
+    )
+
+
 def check_replicas_agree(readers: dict[int, CkptReader]) -> None:
     """Data-parallel ranks hold identical copies: same tensors, shapes and dtypes; model weights bit-identical."""
     ranks = sorted(readers)
@@ -276,11 +294,15 @@ def check_replicas_agree(readers: dict[int, CkptReader]) -> None:
                     f"{name}: rank_0 has {list(entry.shape)} {entry.tensor_type}, rank_{rank} has "
                     f"{list(theirs.shape)} {theirs.tensor_type}; pass --src_ckpt_strategy for sharded runs"
                 )
-            if name.startswith(MODEL_PREFIXES) and base.read(name).tobytes() != other.read(name).tobytes():
+            if name.startswith(MODEL_PREFIXES) and not same_bits(base, other, name):
                 raise CheckpointError(
                     f"{name} differs between rank_0 and rank_{rank}: data-parallel replicas should be identical "
                     "(was the run sharded? then pass --src_ckpt_strategy)"
                 )
+
+
+def _float32_if_bf16(values: np.ndarray) -> np.ndarray:
+    return values.astype(np.float32) if values.dtype.name == "bfloat16" else values
 
 
 def stream_merge(layouts: dict[str, list[ParamLayout]], readers: dict[int, CkptReader], out_file: Path) -> None:
@@ -299,10 +321,8 @@ def stream_merge(layouts: dict[str, list[ParamLayout]], readers: dict[int, CkptR
                 layout = min(layouts[name], key=lambda pl: pl.stage)  # a stage-shared parameter: the first stage's
                 slices = [readers[r].read(name) for r in stage_ranks[layout.stage]]
                 dtype = slices[0].dtype
-                parameters = [
-                    ms.Parameter(ms.Tensor(x.astype(np.float32) if x.dtype.name == "bfloat16" else x), name)
-                    for x in slices
-                ]
+                # merge_sliced_parameter computes bfloat16 in float32; the cast back below is exact
+                parameters = [ms.Parameter(ms.Tensor.from_numpy(_float32_if_bf16(x)), name) for x in slices]
                 del slices
                 merged = ms.merge_sliced_parameter(parameters, {name: layout.raw}).asnumpy()
                 del parameters
@@ -325,10 +345,11 @@ def verify_merged(path: Path, expected: dict[str, tuple[int, ...]]) -> int:
             problems.append(f"{name} is {list(entry.shape)}, expected the full shape {list(shape)}")
     for name, entry in reader.entries.items():
         if entry.tensor_type.startswith(("Float", "BFloat")):
-            values = reader.read(name)
-            if values.dtype.name == "bfloat16":
-                values = values.astype(np.float32)
-            if not np.isfinite(values).all():
+            finite = all(
+                np.isfinite(_float32_if_bf16(reader.read_flat(name, start, n))).all()
+                for start, n in chunks(reader, name)
+            )
+            if not finite:
                 problems.append(f"{name} has non-finite values")
     if problems:
         raise CheckpointError(f"merged checkpoint {path} failed verification:\n  " + "\n  ".join(problems[:20]))

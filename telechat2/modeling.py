@@ -7,8 +7,9 @@ B = batch, S = new tokens, T = cached + new tokens, H = hidden, N = heads, K = K
 
 Portable MindSpore ops run everywhere (CPU included); the Ascend fused kernels (flash attention, fused RMSNorm) are
 used only when `use_flash_attention` / `use_fused_rms_norm` ask for them. `construct(input_ids, labels)` is the
-graph-mode friendly training entry; `forward(input_ids, past_key_values, start_pos)` is the incremental decoding
-entry used (in PyNative mode) by `telechat2.generation`.
+graph-mode friendly training entry; `forward(input_ids, past_key_values, start_pos)` runs a prompt (or any chunk)
+against a growing cache in PyNative mode, and `static_decoder()` gives the compiled one-token step with fixed-size
+caches that `telechat2.generation` uses after the prompt.
 """
 
 from __future__ import annotations
@@ -233,6 +234,32 @@ class TeleChat2Attention(nn.Cell):
         context = context.transpose(0, 2, 1, 3).reshape(batch, length, hidden)
         return self.wo(context), k, v
 
+    def decode_static(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        slot: Tensor,
+        hidden_keys: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One new token against fixed-size caches [B, K, L, D] (see `TeleChat2StaticCacheDecoder`).
+
+        slot [1, 1, L, 1] is 1 at the token's position (its K and V are written there), hidden_keys [1, 1, 1, L]
+        is True past it. Portable ops only: one query row needs no flash attention.
+        """
+        batch, _, hidden = x.shape
+        q, k, v = self._project(x)
+        q = apply_rotary_pos_emb(q, cos, sin)
+        k = apply_rotary_pos_emb(k, cos, sin)
+        key_cache = key_cache * (1 - slot) + k * slot  # exact: each entry keeps its value or takes the new one
+        value_cache = value_cache * (1 - slot) + v * slot
+        scores = ops.matmul(q, repeat_kv(key_cache, self.n_rep).swapaxes(-1, -2)).astype(ms.float32) * self.scale
+        probs = ops.softmax(ops.masked_fill(scores, hidden_keys, _MASKED), axis=-1).astype(value_cache.dtype)
+        context = ops.matmul(probs, repeat_kv(value_cache, self.n_rep))  # [B, N, 1, D]
+        return self.wo(context.transpose(0, 2, 1, 3).reshape(batch, 1, hidden)), key_cache, value_cache
+
 
 class TeleChat2MLP(nn.Cell):
     """SwiGLU: w2(silu(w1 x) * w3 x) + b2; w1 = gate, w3 = up, w2 = down (the only one with a bias)."""
@@ -362,6 +389,26 @@ class TeleChat2DecoderLayer(nn.Cell):
             ffn_out, aux_loss = self.feed_forward(self.ffn_norm(x)), Tensor(0.0, ms.float32)
         return x + ffn_out, key, value, aux_loss
 
+    def decode_static(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        slot: Tensor,
+        hidden_keys: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`construct` for one token with fixed-size caches -> (hidden [B, 1, H], key_cache, value_cache)."""
+        attn_out, key_cache, value_cache = self.attention.decode_static(
+            self.attention_norm(x), cos, sin, slot, hidden_keys, key_cache, value_cache
+        )
+        x = x + attn_out
+        ffn_out = self.feed_forward(self.ffn_norm(x))
+        if self.is_moe:
+            ffn_out = ffn_out[0]
+        return x + ffn_out, key_cache, value_cache
+
 
 class TeleChat2Model(nn.Cell):
     """Embedding, decoder layers, final norm. Rotary tables cover `seq_length` positions (dynamic NTK applied)."""
@@ -470,3 +517,64 @@ class TeleChat2ForCausalLM(nn.Cell):
         if last_only:
             hidden = hidden[:, -1:]
         return self.lm_head(hidden).astype(ms.float32), cache
+
+    def static_decoder(self) -> TeleChat2StaticCacheDecoder:
+        """The compiled one-token decoder over this model's weights (built on first use, then reused)."""
+        decoder = self.__dict__.get("_static_decoder")
+        if decoder is None:
+            decoder = TeleChat2StaticCacheDecoder(self)
+            object.__setattr__(self, "_static_decoder", decoder)  # a plain reference, not a child cell
+        return decoder
+
+
+class TeleChat2StaticCacheDecoder(nn.Cell):
+    """One decoding step compiled once (`mindspore.jit`), with caches of fixed length L = seq_length.
+
+    PyNative runs an operator at a time, and on CPU its per-operator cost dwarfs a small model's arithmetic; a
+    compiled step is tens of times faster. Compiling needs fixed shapes, so the caches hold L positions, the new
+    token's K and V are blended in at its position and later positions are masked. Same numbers as
+    `TeleChat2ForCausalLM.forward` with a growing cache (tested).
+    """
+
+    def __init__(self, lm: TeleChat2ForCausalLM) -> None:
+        super().__init__(auto_prefix=False)  # keep the model's parameter names
+        self.lm = lm
+        self.max_length = lm.architecture.seq_length
+
+    def empty_cache(self, prefill_cache: tuple[LayerCache, ...]) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Fixed-size (keys, values) per layer holding a prefill's cache [B, K, T, D] at positions 0..T-1."""
+        keys, values = (), ()
+        for key, value in prefill_cache:
+            batch, kv_heads, length, dim = key.shape
+            padding = ops.zeros((batch, kv_heads, self.max_length - length, dim), key.dtype)
+            keys += (ops.cat((key, padding), axis=2),)
+            values += (ops.cat((value, padding), axis=2),)
+        return keys, values
+
+    def step(
+        self, token_id: int, position: int, keys: tuple[Tensor, ...], values: tuple[Tensor, ...]
+    ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Decode `token_id` at `position` for a batch of one; the caches are marked mutable so the step compiles
+        once (a plain tuple of tensors would be a constant, recompiled whenever its values change)."""
+        token = Tensor([[token_id]], ms.int32)
+        return self(token, Tensor(position, ms.int32), ms.mutable(keys), ms.mutable(values))
+
+    @ms.jit
+    def construct(
+        self, token: Tensor, position: Tensor, keys: tuple[Tensor, ...], values: tuple[Tensor, ...]
+    ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """token [B, 1] at `position` (int32 scalar tensor) -> (float32 logits [B, 1, V], keys, values)."""
+        model = self.lm.model
+        x = model.tok_embeddings(token)
+        where = position.reshape(1)
+        cos = ops.gather(model.rope_cos, where, 0)  # [1, D]
+        sin = ops.gather(model.rope_sin, where, 0)
+        key_pos = ops.arange(self.max_length, dtype=ms.int32)
+        slot = (key_pos == position).astype(x.dtype).reshape(1, 1, self.max_length, 1)
+        hidden_keys = (key_pos > position).reshape(1, 1, 1, self.max_length)
+        new_keys, new_values = (), ()
+        for index, layer in enumerate(model.layers):
+            x, key_cache, value_cache = layer.decode_static(x, cos, sin, slot, hidden_keys, keys[index], values[index])
+            new_keys = new_keys + (key_cache,)  # noqa: RUF005 (graph mode)
+            new_values = new_values + (value_cache,)  # noqa: RUF005
+        return self.lm.lm_head(model.norm_out(x)).astype(ms.float32), new_keys, new_values

@@ -96,6 +96,8 @@ def load_checkpoint_into(model, checkpoint: str | Path) -> Path:
         if names:
             shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
             problems.append(f"{label}: {shown}")
+    if any("w_qkv" in name for name in missing + unexpected):
+        problems.append("the attention layouts differ: set model_config.qkv_concat to the checkpoint's layout")
     if problems:
         raise ValueError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
     params = {name: _as_dtype(saved[name], param.dtype, name) for name, param in expected.items()}

@@ -9,7 +9,8 @@ per-rank checkpoints under `output_dir/checkpoint/rank_N/` and, for semi-auto pa
 
 `--resume` (or `resume_training: True` in the YAML) continues from the newest complete checkpoint under
 `output_dir/checkpoint` (MindFormers' meta.json records it, per rank), restoring the optimizer state and the step
-counter; with nothing to resume from it says so and stops.
+counter; when no rank has saved anything yet it says so and starts from `load_checkpoint`, so a pod can always
+pass --resume and a restarted pod picks up where it stopped.
 
 Under `msrun` (see `telechat2 launch`) `use_parallel` is switched on automatically so every worker joins the
 data-parallel group; the same YAML runs on one process or many.
@@ -153,14 +154,22 @@ def newest_checkpoint(checkpoint_dir: Path, rank: int) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def prepare_resume(config) -> None:
-    """Point load_checkpoint at output_dir/checkpoint so MindFormers resumes from each rank's newest file."""
+def prepare_resume(config) -> bool:
+    """Point load_checkpoint at output_dir/checkpoint so MindFormers resumes every rank from its newest file.
+
+    Returns False (and leaves the config alone) when no rank has saved anything yet: a pod that always passes
+    --resume then starts fresh on its first attempt and continues on every retry. The decision looks at all
+    ranks' directories, so every worker of a run decides the same way.
+    """
     checkpoint_dir = Path(config.output_dir) / "checkpoint"
-    rank = int(os.environ.get("RANK_ID", "0"))
-    if newest_checkpoint(checkpoint_dir, rank) is None:
-        raise FinetuneError(f"--resume: no checkpoint for rank {rank} under {checkpoint_dir}")
+    ranks = sorted(checkpoint_dir.glob("rank_*")) if checkpoint_dir.is_dir() else []
+    if not any(newest_checkpoint(checkpoint_dir, int(d.name.removeprefix("rank_"))) for d in ranks if d.is_dir()):
+        print(f"telechat2 finetune: nothing to resume under {checkpoint_dir}; starting from load_checkpoint")
+        config.resume_training = False
+        return False
     config.load_checkpoint = str(checkpoint_dir)
     config.resume_training = True
+    return True
 
 
 def read_loss_log(text: str) -> list[tuple[int, float]]:

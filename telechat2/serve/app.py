@@ -6,8 +6,8 @@ Business, management (health) and metrics endpoints share one port (MindIE split
 port keeps the Service and probes simple). Bearer auth, when configured, guards the business routes only: health
 and /metrics stay open for the kubelet and Prometheus.
 
-Multi-device (model parallel under msrun, NPU only): every rank loads its shard and runs generation in lockstep;
-rank 0 alone serves HTTP (see `telechat2.serve.distributed`). On CPU, one process.
+Under msrun (several ranks) every rank loads the model and runs each generation in lockstep; rank 0 alone serves
+HTTP (see `telechat2.serve.distributed`). On CPU, one process.
 """
 
 from __future__ import annotations
@@ -224,9 +224,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
+def default_model_name(config: str) -> str:
+    """A model name as given (`telechat2-7b`), or from the YAML's file name (`predict_telechat2_7b.yaml`)."""
+    path = Path(config)
+    if path.suffix not in (".yaml", ".yml"):
+        return config
+    name = path.stem.removeprefix("predict").strip("_-").replace("_", "-")
+    return name if name and name != "parallel" else "telechat2"
+
+
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     max_input = args.max_input_token_len or args.max_seq_len * 3 // 4
-    model_name = args.model_name or Path(args.config).stem.removeprefix("predict_").replace("_", "-")
+    model_name = args.model_name or default_model_name(args.config)
     return ServeSettings(
         model_name=model_name,
         max_seq_len=args.max_seq_len,
@@ -239,6 +248,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from telechat2.predict import read_run_config
     from telechat2.serve import distributed
     from telechat2.serve.engine import TeleChat2Engine
 
@@ -253,6 +263,13 @@ def run(args: argparse.Namespace) -> int:
         return TeleChat2Engine.load(args.config, args.load_checkpoint, args.vocab_file, settings.max_seq_len)
 
     group = distributed.ProcessGroup.from_env(os.environ)
+    try:
+        warning = distributed.layout_warning(read_run_config(args.config), group)
+    except (OSError, ValueError) as exc:
+        log.error("--config: %s", exc)
+        return 2
+    if warning:
+        log.warning("%s", warning)
     control_port = args.control_port or args.port + 1
     if group.world_size > 1 and group.rank != 0:
         return distributed.follow(load, group.leader_host, control_port)

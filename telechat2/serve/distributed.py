@@ -45,6 +45,17 @@ class ProcessGroup:
         return cls(rank=rank, world_size=world, leader_host=environ.get("MS_SCHED_HOST", "127.0.0.1"))
 
 
+def layout_warning(run_config: Mapping[str, Any], group: ProcessGroup) -> str | None:
+    """Say so when the YAML's model_parallel and the number of ranks disagree (the model then runs whole per rank)."""
+    model_parallel = int((run_config.get("parallel_config") or {}).get("model_parallel") or 1)
+    if model_parallel == group.world_size or (model_parallel == 1 and group.world_size == 1):
+        return None
+    return (
+        f"the config asks for model_parallel={model_parallel} but {group.world_size} rank(s) run: "
+        "every rank holds the whole model (telechat2's network is single-device; use the mindie backend to shard)"
+    )
+
+
 class _Channel:
     """One JSON-lines TCP connection."""
 

@@ -8,11 +8,14 @@ is the real one (MindSpore model + TeleChat2 tokenizer + `telechat2.generation.s
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from telechat2.tokenizer import EOS_ID
+
+log = logging.getLogger(__name__)
 
 _YAML_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
 
@@ -80,6 +83,9 @@ class TeleChat2Engine:
         if not vocab:
             raise ValueError("no tokenizer: pass --vocab_file or set processor.tokenizer.vocab_file in the YAML")
         tokenizer = TeleChat2Tokenizer(vocab)
+        checkpoint = checkpoint or run_config.get("load_checkpoint") or None
+        if not checkpoint:
+            log.warning("no checkpoint (--load_checkpoint or the YAML's load_checkpoint): serving RANDOM weights")
         model = load_model(config, checkpoint, seq_length=seq_length)
         model_config = run_config["model"]["model_config"]
         defaults = generation_defaults().replace(

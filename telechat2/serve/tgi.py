@@ -28,6 +28,11 @@ def token_json(event: TokenEvent) -> dict[str, Any]:
     return {"id": event.id, "text": event.text, "logprob": None, "special": event.special}
 
 
+def tgi_event(payload: dict[str, Any]) -> bytes:
+    """`data:{json}` with no space after the colon, byte for byte what TGI and MindIE send."""
+    return f"data:{json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+
+
 def build_router(
     state: ServerState, parse: Callable[..., Any], auth: Callable[..., Any], sse_ping: int | None = None
 ) -> APIRouter:
@@ -69,26 +74,23 @@ def build_router(
             result["tokens"] = tokens
         return result
 
-    async def sse(run: GenerationRun, prefix: str, with_tokens: bool) -> AsyncIterator[dict[str, str]]:
+    async def sse(run: GenerationRun, prefix: str, with_tokens: bool) -> AsyncIterator[bytes]:
         """One event per token; the last one carries generated_text and details (TGI's stream shape)."""
         pending: dict[str, Any] | None = None
-        tokens: list[dict[str, Any]] = []
-        index = 0
         try:
             async for event in run.events():
                 if pending is not None:
-                    yield {"data": json.dumps(pending, ensure_ascii=False)}
-                token = token_json(event)
-                tokens.append(token)
-                index += 1
-                pending = {"index": index, "token": token, "generated_text": None, "details": None}
-            final = pending or {"index": index, "token": None}
+                    yield tgi_event(pending)
+                pending = {"index": len(run.seen), "token": token_json(event), "generated_text": None, "details": None}
+            final = pending or {"index": 0, "token": None}
             final["generated_text"] = prefix + run.text.text
-            final["details"] = details(run, tokens if with_tokens else None)
-            yield {"data": json.dumps(final, ensure_ascii=False)}
+            final["details"] = details(run, [token_json(e) for e in run.seen] if with_tokens else None)
+            yield tgi_event(final)
         except Exception as exc:
             log.exception("streaming generation failed")
-            yield {"data": json.dumps({"error": str(exc), "error_type": "generation"})}
+            if pending is not None:
+                yield tgi_event(pending)
+            yield tgi_event({"error": str(exc), "error_type": "generation"})
         finally:
             run.job.cancel("client disconnected")  # no-op when finished; stops generation if the client left
 

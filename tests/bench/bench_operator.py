@@ -77,7 +77,8 @@ class Bench:
         raise RuntimeError(f"no default ServiceAccount in {name}")
 
     def cleanup(self, namespace: str) -> None:
-        """Delete the namespace and wait until its pods are gone (the next run needs the NPUs)."""
+        """Delete the jobs, then the namespace; wait until the pods are gone (the next run needs the NPUs)."""
+        self.cluster.kubectl(f"--namespace={namespace}", "delete", "telechatfinetunes", "--all", "--wait=true")
         self.core.delete_namespace(namespace)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:

@@ -254,18 +254,27 @@ def test_model_name_gives_the_architecture(tmp_path):
     assert cli.main(argv) == 1
 
 
-def test_parameter_names_match_the_model():
-    """The model and the converter agree on every name and shape, dense and MoE (names from the facts file)."""
+@pytest.mark.parametrize(
+    "config",
+    [
+        tiny_config(),
+        tiny_config(num_experts=4, num_experts_per_tok=2),
+        pytest.param(
+            tiny_config(qkv_concat=True),
+            marks=pytest.mark.xfail(
+                strict=True, reason="modeling.py keeps feed_forward.w1/w3 under qkv_concat; the facts say w_gate_hidden"
+            ),
+        ),
+    ],
+    ids=["dense", "moe", "qkv_concat"],
+)
+def test_parameter_names_match_the_model(config):
+    """The model and the converter agree on every name and shape (names from the facts file)."""
     from telechat2.modeling import TeleChat2ForCausalLM
 
-    for config in (tiny_config(), tiny_config(num_experts=4, num_experts_per_tok=2), tiny_config(qkv_concat=True)):
-        model = TeleChat2ForCausalLM(config)
-        names = {name: tuple(p.shape) for name, p in model.parameters_and_names()}
-        expected = ms_shapes(config, config.qkv_concat)
-        if config.qkv_concat:  # the model concatenates attention only; the MLP keeps w1/w3 (see report)
-            expected = ms_shapes(config, False) | {k: v for k, v in expected.items() if "w_qkv" in k}
-            expected = {k: v for k, v in expected.items() if not k.endswith(("attention.wq.weight", "wk_v.weight"))}
-        assert names == expected
+    model = TeleChat2ForCausalLM(config)
+    names = {name: tuple(p.shape) for name, p in model.parameters_and_names()}
+    assert names == ms_shapes(config, config.qkv_concat)
 
 
 def test_parse_size():

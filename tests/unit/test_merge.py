@@ -248,3 +248,23 @@ def test_non_finite_values_fail_verification(tmp_path):
     with pytest.raises(CheckpointError, match="model.norm_out.weight has non-finite values"):
         merge(tmp_path / "src", tmp_path / "dst", "x")
     assert not (tmp_path / "dst").exists()
+
+
+def test_bfloat16_shards_merge_exactly(tmp_path):
+    import mindspore as ms
+
+    from telechat2.checkpoint_io import numpy_dtype
+
+    shapes = {"model.layers.0.attention.wq.weight": (64, 64), "model.layers.0.attention.wo.weight": (64, 64)}
+    rng = np.random.default_rng(3)
+    full = {n: rng.standard_normal(s, dtype=np.float32).astype(numpy_dtype("bfloat16")) for n, s in shapes.items()}
+    write_replica(tmp_path / "full" / "rank_0" / "full.ckpt", full)
+    write_strategy_file(tmp_path / "strategy" / "s.ckpt", 0, tensor_parallel_layouts(shapes, (2,), ("mp",)))
+    ms.transform_checkpoints(
+        str(tmp_path / "full"), str(tmp_path / "shards"), "s", None, str(tmp_path / "strategy" / "s.ckpt")
+    )
+    summary = merge(tmp_path / "shards", tmp_path / "merged", "m", tmp_path / "strategy")
+    reader = CkptReader(summary["path"])
+    for name, value in full.items():
+        assert reader.entries[name].tensor_type == "BFloat16"
+        assert reader.read(name).tobytes() == value.tobytes()

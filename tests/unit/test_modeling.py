@@ -173,6 +173,23 @@ def test_incremental_decoding_with_the_cache_matches_the_full_forward(tiny_model
     assert np.abs(full[0, -1] - full[1, -1]).max() > 1e-3  # rows differ: the batch is not collapsed
 
 
+def test_compiled_static_cache_steps_match_the_growing_cache(tiny_model):
+    names = [name for name, _ in tiny_model.parameters_and_names()]
+    ids = _ids(np.random.default_rng(8), (1, 12)).asnumpy()[0].tolist()
+    decoder = tiny_model.static_decoder()
+    assert tiny_model.static_decoder() is decoder  # compiled once per model
+    _, cache = tiny_model.forward(ms.Tensor([ids[:5]], ms.int32))
+    keys, values = decoder.empty_cache(cache)
+    for position in range(5, 12):
+        static_logits, keys, values = decoder.step(ids[position], position, keys, values)
+        expected, cache = tiny_model.forward(ms.Tensor([[ids[position]]], ms.int32), cache, position)
+        np.testing.assert_allclose(static_logits.asnumpy(), expected.asnumpy(), rtol=1e-4, atol=1e-5)
+    assert keys[0].shape == (1, 2, 64, 16)  # [B, kv_heads, seq_length, head_dim]
+    np.testing.assert_allclose(keys[1].asnumpy()[:, :, :12], cache[1][0].asnumpy(), rtol=1e-5, atol=1e-6)
+    assert not keys[1].asnumpy()[:, :, 12:].any()  # positions not reached yet stay empty
+    assert [name for name, _ in tiny_model.parameters_and_names()] == names  # checkpoint names untouched
+
+
 def test_padding_mask_hides_left_padding_from_real_tokens(tiny_model):
     """RoPE scores depend on relative positions only, so masked left padding must not change the real tokens."""
     ids = _ids(np.random.default_rng(3), (1, 6)).asnumpy()

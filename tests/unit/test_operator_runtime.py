@@ -139,3 +139,43 @@ def test_pod_count_only_status_updates_are_batched() -> None:
     first = Plan(status={"state": "Pending", "pods": {"pending": 1, "running": 1}})
     finetune.defer_count_only_update(("ns", "job"), old, first)
     assert first.status["pods"] == {"pending": 1, "running": 1}
+
+
+def test_no_change_detecting_handlers_so_kopf_may_skip_its_diff_base() -> None:
+    """settings.NoDiffBaseStorage is only correct while every registered handler is level-triggered."""
+    from telechat_operator.handlers import register_all
+    from telechat_operator.settings import NoDiffBaseStorage
+
+    register_all()
+    registry = kopf.get_default_registry()
+    assert not registry._changing.get_all_handlers() and not registry._spawning.get_all_handlers()
+    assert registry._watching.get_all_handlers()
+    settings = kopf.OperatorSettings()
+    configure_kopf(settings, OperatorConfig(), peering=None)
+    assert isinstance(settings.persistence.diffbase_storage, NoDiffBaseStorage)
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "going"),
+    [
+        (404, 'telechatfinetunes.telechat.io "job" not found', True),
+        (404, 'namespaces "ns" not found', True),
+        (
+            403,
+            'pods "p" is forbidden: unable to create new content in namespace ns because it is being terminated',
+            True,
+        ),
+        (
+            403,
+            'pods is forbidden: User "system:serviceaccount:telechat:telechat-operator" cannot create resource',
+            False,
+        ),
+        (404, 'configmaps "other" not found', False),
+        (500, "etcd timeout", False),
+    ],
+)
+def test_refusals_that_mean_the_job_is_going_away(status: int, message: str, going: bool) -> None:
+    from telechat_operator.handlers.finetune import job_going
+    from telechat_operator.k8s import ApiError
+
+    assert job_going(ApiError(status, message), "ns", "job") is going

@@ -73,6 +73,10 @@ def test_checkpoint_problems_name_the_parameters(tmp_path, reference):
     short_vocab = dict(params, **{"lm_head.weight": params["lm_head.weight"][:256]})
     with pytest.raises(ValueError, match=r"wrong shape: lm_head\.weight \(256, 64\) != \(512, 64\)"):
         load_model("telechat2-tiny", _save(short_vocab, tmp_path / "c.ckpt"))
+    fused = {k: v for k, v in params.items() if "wk_v" not in k and "wq" not in k}  # a qkv_concat checkpoint
+    fused |= {f"model.layers.{i}.attention.w_qkv.weight": np.zeros((128, 64), np.float32) for i in range(2)}
+    with pytest.raises(ValueError, match=r"missing: .*attention\.wk_v\.weight.*unexpected: .*w_qkv.*qkv_concat"):
+        load_model("telechat2-tiny", _save(fused, tmp_path / "e.ckpt"))
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         load_model("telechat2-tiny", str(tmp_path / "nope.ckpt"))
     # optimizer state saved by finetune (adam moments, step counters) is not part of the network: ignored

@@ -1,5 +1,6 @@
 """`telechat2 serve` as a command, the way a pod runs it: two ranks as msrun would start them (rank 0 serves HTTP,
-rank 1 follows in lockstep), the tiny model loaded from the packaged `telechat2-tiny` config and a real checkpoint.
+rank 1 follows in lockstep), the tiny model loaded from the packaged `telechat2-tiny` config and a real checkpoint;
+and a model that cannot load ending the process with an error instead of leaving a server that is never ready.
 """
 
 from __future__ import annotations
@@ -69,3 +70,11 @@ def test_two_ranks_serve_in_lockstep(tmp_path: Path, tiny_tokenizer_file: Path) 
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_a_model_that_fails_to_load_ends_the_server_with_an_error(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "telechat2.cli", "serve", "--config", "telechat2-tiny"]
+    command += ["--vocab_file", str(tmp_path / "missing.model"), "--host", "127.0.0.1", "--port", str(free_port())]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "tokenizer vocab_file not found" in result.stderr

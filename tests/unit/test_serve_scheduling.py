@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from telechat2.cli import build_parser
 from telechat2.serve import distributed
-from telechat2.serve.app import create_app, serve_in_background, settings_from_args
+from telechat2.serve.app import create_app, default_model_name, serve_in_background, settings_from_args
 from telechat2.serve.auth import ApiKeySource
 from telechat2.serve.engine import SamplingParams
 from telechat2.serve.runtime import ServeSettings
@@ -236,6 +236,8 @@ def test_cli_flags_become_settings(tmp_path) -> None:
     settings = settings_from_args(args)
     assert (args.port, args.host) == (1025, "0.0.0.0")
     assert settings.model_name == "telechat2-7b"
+    assert default_model_name("telechat2-tiny") == "telechat2-tiny"
+    assert default_model_name("/etc/telechat2/predict.yaml") == "telechat2"
     assert (settings.max_seq_len, settings.max_input_token_len) == (4096, 3072)
     with pytest.raises(ValueError, match="max-input-token-len"):
         ServeSettings(max_seq_len=100, max_input_token_len=100)
@@ -248,6 +250,8 @@ def test_followers_run_the_same_steps_as_rank_0(tiny_tokenizer: TeleChat2Tokeniz
     group = distributed.ProcessGroup.from_env({"RANK_ID": "1", "RANK_SIZE": "2", "MS_SCHED_HOST": "10.0.0.1"})
     assert (group.rank, group.world_size, group.leader_host) == (1, 2, "10.0.0.1")
     assert distributed.ProcessGroup.from_env({}).world_size == 1
+    assert distributed.layout_warning({"parallel_config": {"model_parallel": 2}}, group) is None
+    assert "model_parallel=4" in distributed.layout_warning({"parallel_config": {"model_parallel": 4}}, group)
 
     leader_inner, follower_engine = GatedEngine(tiny_tokenizer), GatedEngine(tiny_tokenizer)
     port = free_port()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from telechat2.checkpoint_io import CkptReader
-from telechat2.train import FinetuneError, newest_checkpoint, read_loss_log
+from telechat2.train import load_yaml_config, newest_checkpoint, prepare_resume, read_loss_log
 
 QA = [
     ("what is two plus two", "four"),
@@ -81,18 +81,24 @@ def test_newest_checkpoint_prefers_meta_then_highest_step(tmp_path):
     assert newest_checkpoint(tmp_path, 1) is None
 
 
-def test_config_problems_are_named(tmp_path, tiny_tokenizer_file):
+def test_config_problems_are_named(tmp_path, tiny_tokenizer_file, capsys):
     from telechat2 import cli
 
     config = write_config(tmp_path / "a.yaml", tmp_path / "absent.mindrecord", tmp_path / "out", 1)
     assert cli.main(["finetune", "--config", str(config)]) == 1
+    assert "dataset_dir" in (err := capsys.readouterr().err) and "absent.mindrecord does not exist" in err
     dataset = write_dataset(tmp_path, tiny_tokenizer_file, 8)
     config = write_config(tmp_path / "b.yaml", dataset, tmp_path / "out", 1)
-    with pytest.raises(FinetuneError, match="no checkpoint for rank 0"):
-        from telechat2.train import load_yaml_config, prepare_resume
-
-        args = cli.build_parser(["finetune"]).parse_args(["finetune", "--config", str(config), "--resume"])
-        prepare_resume(load_yaml_config(config, args))
+    args = cli.build_parser(["finetune"]).parse_args(["finetune", "--config", str(config), "--resume"])
+    loaded = load_yaml_config(config, args)
+    assert prepare_resume(loaded) is False and not loaded.resume_training  # nothing saved yet: start fresh
+    (tmp_path / "out" / "checkpoint" / "rank_1").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoint" / "rank_1" / "telechat2_rank_1-1_4.ckpt").write_bytes(b"x")
+    assert prepare_resume(loaded) is True  # another rank saved: every rank resumes (MindFormers picks the step)
+    assert loaded.load_checkpoint == str(tmp_path / "out" / "checkpoint") and loaded.resume_training
+    (tmp_path / "c.yaml").write_text(config.read_text().replace("dataset_dir: ", "dataset_dir: ''  # "))
+    assert cli.main(["finetune", "--config", str(tmp_path / "c.yaml")]) == 1
+    assert "train_dataset.data_loader.dataset_dir is empty" in capsys.readouterr().err
 
 
 @pytest.mark.slow

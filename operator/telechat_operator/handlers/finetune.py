@@ -31,6 +31,8 @@ KIND = c.FINETUNE_KIND
 
 config = OperatorConfig.from_env()
 states = metrics.StateTracker(KIND)
+# Shared by all passes: concurrent API calls within one pass (the job and its pods; a group's pods).
+io_pool = ThreadPoolExecutor(max_workers=config.create_workers, thread_name_prefix="finetune-io")
 
 
 def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -46,36 +48,55 @@ def owned_by(pod: Mapping[str, Any], uid: str) -> bool:
 
 
 def reconcile_finetune(key: Hashable) -> float | None:
+    """One pass for one job; returns when to look again (the work queue's requeue)."""
     namespace, name = key  # type: ignore[misc]
     with metrics.RECONCILE_SECONDS.labels(kind=KIND).time():
+        pods = io_pool.submit(k8s.list_pods, namespace, {c.LABEL_JOB_NAME: name, c.LABEL_OWNER_KIND: KIND})
         job = k8s.get_finetune(namespace, name)
         if job is None or job["metadata"].get("deletionTimestamp"):
             # Gone or going (owner references let the garbage collector remove the children): nothing to start.
             states.observe(key, None)
             return None
         old_status = job.get("status") or {}
-        now = datetime.now(UTC)
-        try:
-            spec = parse(job)
-        except SpecError as err:
-            plan = invalid_spec_plan(old_status, err, int(job["metadata"].get("generation", 1)), now)
-            spec = None
-        else:
-            pods = [
-                PodView.from_body(pod)
-                for pod in k8s.list_pods(namespace, {c.LABEL_JOB_NAME: name, c.LABEL_OWNER_KIND: KIND})
-                if owned_by(pod, spec.uid)
-            ]
-            plan = reconcile(
-                spec, old_status, pods, now, Backoff(config.backoff_base_seconds, config.backoff_max_seconds)
-            )
+        spec, plan = decide(job, old_status, pods.result())
         defer_count_only_update(key, old_status, plan)
-        if apply_plan(job, spec, old_status, plan):
-            last_status_write[key] = time.monotonic()
+        try:
+            if apply_plan(job, spec, old_status, plan):
+                last_status_write[key] = time.monotonic()
+        except k8s.ApiError as err:
+            if job_going(err, namespace, name):
+                logger.info("%s/%s: the job or its namespace is being deleted: %s", namespace, name, err.message)
+                return None
+            raise
         states.observe(key, plan.status.get("state"))
     if plan.requeue_after is not None:
         return min(plan.requeue_after, config.resync_seconds)
     return config.resync_seconds
+
+
+def decide(
+    job: Mapping[str, Any], old_status: Mapping[str, Any], pod_bodies: list[dict[str, Any]]
+) -> tuple[FinetuneSpec | None, Plan]:
+    """Parse the spec and run the state machine on the job's pods (or report the invalid spec).
+
+    The pods were listed concurrently with reading the job; a pod created between the two reads is simply seen on
+    the next pass (creating it again would be a 409)."""
+    meta = job["metadata"]
+    now = datetime.now(UTC)
+    try:
+        spec = parse(job)
+    except SpecError as err:
+        return None, invalid_spec_plan(old_status, err, int(meta.get("generation", 1)), now)
+    pods = [PodView.from_body(pod) for pod in pod_bodies if owned_by(pod, spec.uid)]
+    backoff = Backoff(config.backoff_base_seconds, config.backoff_max_seconds)
+    return spec, reconcile(spec, old_status, pods, now, backoff)
+
+
+def job_going(err: k8s.ApiError, namespace: str, name: str) -> bool:
+    """A refusal because the job, or its namespace, was deleted mid-pass: nothing to retry."""
+    if err.status == 404:
+        return f'namespaces "{namespace}" not found' in err.message or f'"{name}" not found' in err.message
+    return err.status == 403 and "being terminated" in err.message
 
 
 # When each job's status was last written: pod-count-only updates are batched (see defer_count_only_update).
@@ -142,26 +163,29 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
 def create_children(spec: FinetuneSpec, plan: Plan) -> None:
     """Every object of the pass at once: pods need not wait for their ConfigMap (the kubelet does)."""
     attempt = int(plan.status["attempt"])
+    if plan.ensure_children and spec.gang_scheduled:
+        k8s.create(build_pod_group(spec))  # before its pods: Volcano's admission looks the group up
     creations: list[Callable[[], object]] = []
-    if plan.ensure_children:
-        config_map = build_config_map(spec)
-        creations.append(lambda: k8s.create_or_patch(config_map, {"data": config_map["data"]}))
-        creations.append(lambda: k8s.create(build_service(spec)))
-        if spec.gang_scheduled:
-            creations.append(lambda: k8s.create(build_pod_group(spec)))
-    for rank in plan.create_ranks:
+    for rank in plan.create_ranks:  # first: they are on the path to Running
         pod = build_rank_pod(spec, rank, attempt)
         creations.append(lambda pod=pod: k8s.create(pod))
+    if plan.ensure_children:
+        creations.append(lambda: ensure_config_map(spec))  # rendering takes tens of ms: off the pods' path
+        creations.append(lambda: k8s.create(build_service(spec)))
     if plan.create_merge is not None:
         metrics.MERGES.labels(kind=KIND).inc()
         merge_pod = build_merge_pod(spec, plan.create_merge)
         creations.append(lambda: k8s.create(merge_pod))
     if len(creations) == 1:
         creations[0]()
-    elif creations:
-        with ThreadPoolExecutor(max_workers=min(config.create_workers, len(creations))) as pool:
-            for future in [pool.submit(create) for create in creations]:
-                future.result()  # re-raises the first failure after all were attempted
+    else:
+        for future in [io_pool.submit(create) for create in creations]:
+            future.result()  # re-raises the first failure after all were attempted
+
+
+def ensure_config_map(spec: FinetuneSpec) -> None:
+    config_map = build_config_map(spec)
+    k8s.create_or_patch(config_map, {"data": config_map["data"]})
 
 
 def count_transitions(old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
@@ -185,6 +209,20 @@ async def finetune_changed(type: str | None, name: str, namespace: str, **_: Any
     queue.trigger((namespace, name))
 
 
+# Last (phase, deleting) seen per pod: most pod updates (binding, IPs, conditions) change nothing a job decides
+# on, and skipping them keeps a 64-pod ramp from turning into hundreds of reconcile passes.
+pod_facts: dict[str, tuple[str | None, bool]] = {}
+
+
 @kopf.on.event("v1", "pods", labels={c.LABEL_OWNER_KIND: KIND, c.LABEL_JOB_NAME: kopf.PRESENT})
-async def pod_changed(labels: Mapping[str, str], namespace: str, **_: Any) -> None:
+async def pod_changed(
+    type: str | None, body: Mapping[str, Any], labels: Mapping[str, str], namespace: str, uid: str, **_: Any
+) -> None:
+    if type == "DELETED":
+        pod_facts.pop(uid, None)
+    else:
+        facts = ((body.get("status") or {}).get("phase"), bool(body["metadata"].get("deletionTimestamp")))
+        if pod_facts.get(uid) == facts:
+            return
+        pod_facts[uid] = facts
     queue.trigger((namespace, labels[c.LABEL_JOB_NAME]))
