@@ -102,7 +102,9 @@ def causal_mask(query_len: int, key_len: int, start_pos: int) -> Tensor:
 class TeleChat2Linear(nn.Cell):
     """y = x W^T (+ b) with W [out, in] stored in `param_init_type` and multiplied in `compute_dtype`.
 
-    `dtype` overrides both, for layers that must stay in one precision (the float32 MoE router).
+    `dtype` overrides both, for layers that must stay in one precision (the float32 MoE router). The product is a
+    2-D `MatMul` primitive (and the bias an `Add`) held as attributes, so `telechat2.parallel` can give them shard
+    strategies: column-parallel splits W's rows, row-parallel its columns.
     """
 
     def __init__(
@@ -111,16 +113,23 @@ class TeleChat2Linear(nn.Cell):
         super().__init__()
         param_dtype = dtype or _dtype(config.param_init_type)
         self.compute_dtype = dtype or _dtype(config.compute_dtype)
+        self.out_features = out_features
         self.weight = Parameter(
             initializer(Normal(sigma=config.initializer_range), (out_features, in_features), param_dtype), name="weight"
         )
+        self.matmul = ops.MatMul(transpose_b=True)
         self.has_bias = has_bias
         if has_bias:
             self.bias = Parameter(initializer(Zero(), (out_features,), param_dtype), name="bias")
+            self.bias_add = ops.Add()
 
     def construct(self, x: Tensor) -> Tensor:
-        bias = self.bias.astype(self.compute_dtype) if self.has_bias else None
-        return mint.nn.functional.linear(x.astype(self.compute_dtype), self.weight.astype(self.compute_dtype), bias)
+        leading = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1]).astype(self.compute_dtype)  # [M, in]
+        y = self.matmul(x, self.weight.astype(self.compute_dtype))  # [M, out]
+        if self.has_bias:
+            y = self.bias_add(y, self.bias.astype(self.compute_dtype))
+        return y.reshape(leading + (self.out_features,))
 
 
 class TeleChat2Embedding(nn.Cell):
@@ -137,9 +146,10 @@ class TeleChat2Embedding(nn.Cell):
             ),
             name="embedding_weight",
         )
+        self.gather = ops.Gather()  # a primitive attribute, so the parallel plan can split the vocabulary
 
     def construct(self, input_ids: Tensor) -> Tensor:
-        return ops.gather(self.embedding_weight, input_ids, 0).astype(self.compute_dtype)  # [B, S, H]
+        return self.gather(self.embedding_weight, input_ids, 0).astype(self.compute_dtype)  # [B, S, H]
 
 
 class TeleChat2RMSNorm(nn.Cell):
@@ -262,16 +272,31 @@ class TeleChat2Attention(nn.Cell):
 
 
 class TeleChat2MLP(nn.Cell):
-    """SwiGLU: w2(silu(w1 x) * w3 x) + b2; w1 = gate, w3 = up, w2 = down (the only one with a bias)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x) + b2; w1 = gate, w3 = up, w2 = down (the only one with a bias).
+
+    `qkv_concat` stores gate and up as one `w_gate_hidden` = concat(w1, w3) [2F, H] instead (the seed's
+    parallel-inference layout, written by `telechat2 convert --qkv_concat`).
+    """
 
     def __init__(self, config: TeleChat2Config) -> None:
         super().__init__()
-        self.w1 = TeleChat2Linear(config.hidden_size, config.intermediate_size, False, config)
-        self.w3 = TeleChat2Linear(config.hidden_size, config.intermediate_size, False, config)
-        self.w2 = TeleChat2Linear(config.intermediate_size, config.hidden_size, True, config)
+        hidden, ffn = config.hidden_size, config.intermediate_size
+        self.ffn = ffn
+        self.qkv_concat = config.qkv_concat
+        if self.qkv_concat:
+            self.w_gate_hidden = TeleChat2Linear(hidden, 2 * ffn, False, config)
+        else:
+            self.w1 = TeleChat2Linear(hidden, ffn, False, config)
+            self.w3 = TeleChat2Linear(hidden, ffn, False, config)
+        self.w2 = TeleChat2Linear(ffn, hidden, True, config)
 
     def construct(self, x: Tensor) -> Tensor:
-        return self.w2(ops.silu(self.w1(x)) * self.w3(x))
+        if self.qkv_concat:
+            gate_up = self.w_gate_hidden(x)  # [B, S, 2F]: gate rows first, then up rows
+            gate, up = gate_up[..., : self.ffn], gate_up[..., self.ffn :]
+        else:
+            gate, up = self.w1(x), self.w3(x)  # [B, S, F] each
+        return self.w2(ops.silu(gate) * up)
 
 
 class TeleChat2Router(nn.Cell):
@@ -286,25 +311,35 @@ class TeleChat2Router(nn.Cell):
 
 
 class TeleChat2Experts(nn.Cell):
-    """E SwiGLU experts stacked on axis 0: w1/w3 [E, F, H], w2 [E, H, F], w2.bias [1, E, 1, H]."""
+    """E SwiGLU experts stacked on axis 0: w1/w3 [E, F, H], w2 [E, H, F], w2.bias [1, E, 1, H].
+
+    The three products are `BatchMatMul` primitives over the expert axis (attributes, so the parallel plan can split
+    the experts across expert-parallel ranks and each expert's FFN across model-parallel ones).
+    """
 
     def __init__(self, config: TeleChat2Config) -> None:
         super().__init__()
         experts, hidden, ffn = config.num_experts, config.hidden_size, config.intermediate_size
         param_dtype, std = _dtype(config.param_init_type), config.initializer_range
+        self.num_experts = experts
         self.compute_dtype = _dtype(config.compute_dtype)
         self.w1 = _StackedWeight((experts, ffn, hidden), std, param_dtype)
         self.w3 = _StackedWeight((experts, ffn, hidden), std, param_dtype)
         self.w2 = _StackedWeight((experts, hidden, ffn), std, param_dtype, bias_shape=(1, experts, 1, hidden))
+        self.gate_matmul = ops.BatchMatMul(transpose_b=True)
+        self.up_matmul = ops.BatchMatMul(transpose_b=True)
+        self.down_matmul = ops.BatchMatMul(transpose_b=True)
+        self.bias_add = ops.Add()
 
     def construct(self, x: Tensor) -> Tensor:
         """x [M, H] -> every expert's output [E, M, H] (dense dispatch: simple and exact, E times the FLOPs)."""
         dtype = self.compute_dtype
-        x = x.astype(dtype).expand_dims(0)  # [1, M, H]
-        gate = ops.matmul(x, self.w1.weight.astype(dtype).swapaxes(1, 2))  # [E, M, F]
-        up = ops.matmul(x, self.w3.weight.astype(dtype).swapaxes(1, 2))  # [E, M, F]
-        out = ops.matmul(ops.silu(gate) * up, self.w2.weight.astype(dtype).swapaxes(1, 2))  # [E, M, H]
-        return out + self.w2.bias.astype(dtype)[0]  # bias [E, 1, H]
+        tokens, hidden = x.shape
+        x = ops.broadcast_to(x.astype(dtype).expand_dims(0), (self.num_experts, tokens, hidden))  # [E, M, H]
+        gate = self.gate_matmul(x, self.w1.weight.astype(dtype))  # [E, M, F]
+        up = self.up_matmul(x, self.w3.weight.astype(dtype))  # [E, M, F]
+        out = self.down_matmul(ops.silu(gate) * up, self.w2.weight.astype(dtype))  # [E, M, H]
+        return self.bias_add(out, self.w2.bias.astype(dtype)[0])  # bias [E, 1, H]
 
 
 class _StackedWeight(nn.Cell):
@@ -459,6 +494,26 @@ class TeleChat2Model(nn.Cell):
         return self.norm_out(x), new_cache, aux_loss
 
 
+class TeleChat2CausalLMLoss(nn.Cell):
+    """Mean cross entropy over tokens that are not padding and whose label is not `ignore_token_id`.
+
+    A cell of its own (no parameters) so a pipeline-parallel plan can place it on the last stage with the head.
+    """
+
+    def __init__(self, config: TeleChat2Config) -> None:
+        super().__init__()
+        self.pad_token_id = config.pad_token_id
+        self.ignore_token_id = config.ignore_token_id
+
+    def construct(self, logits: Tensor, tokens: Tensor, targets: Tensor) -> Tensor:
+        """logits [B, S, V] float32 predicting targets [B, S] from tokens [B, S] -> scalar loss."""
+        mask = ops.logical_and(tokens != self.pad_token_id, targets != self.ignore_token_id).astype(ms.float32)
+        safe_targets = ops.select(targets == self.ignore_token_id, ops.zeros_like(targets), targets)
+        log_probs = ops.log_softmax(logits, axis=-1)
+        token_loss = -ops.gather_elements(log_probs, -1, safe_targets.astype(ms.int32).expand_dims(-1)).squeeze(-1)
+        return (token_loss * mask).sum() / (mask.sum() + 1e-8)
+
+
 class TeleChat2ForCausalLM(nn.Cell):
     """TeleChat2 with its (untied, bias-free) language-model head.
 
@@ -480,21 +535,16 @@ class TeleChat2ForCausalLM(nn.Cell):
         self.aux_loss_factor = config.aux_loss_factor if config.is_moe else 0.0
         self.model = TeleChat2Model(config)
         self.lm_head = TeleChat2Linear(config.hidden_size, config.vocab_size, False, config)
+        self.loss = TeleChat2CausalLMLoss(config)
 
     def construct(self, input_ids: Tensor, labels: Tensor | None = None) -> Tensor:
         if labels is None:
             hidden, _, _ = self.model(input_ids)
             return self.lm_head(hidden).astype(ms.float32)
         tokens = input_ids[:, :-1]
-        targets = labels[:, 1:]
         hidden, _, aux_loss = self.model(tokens)
         logits = self.lm_head(hidden).astype(ms.float32)  # [B, S-1, V]
-        mask = ops.logical_and(tokens != self.pad_token_id, targets != self.ignore_token_id).astype(ms.float32)
-        safe_targets = ops.select(targets == self.ignore_token_id, ops.zeros_like(targets), targets)
-        log_probs = ops.log_softmax(logits, axis=-1)
-        token_loss = -ops.gather_elements(log_probs, -1, safe_targets.astype(ms.int32).expand_dims(-1)).squeeze(-1)
-        loss = (token_loss * mask).sum() / (mask.sum() + 1e-8)
-        return loss + self.aux_loss_factor * aux_loss
+        return self.loss(logits, tokens, labels[:, 1:]) + self.aux_loss_factor * aux_loss
 
     def forward(
         self,

@@ -8,9 +8,10 @@ ensure_go_on_path
 ensure_venv
 .venv/bin/python -m tests.cluster build >/dev/null
 exports="$(.venv/bin/python -m tests.cluster up "$@")"
-eval "$exports"  # KUBECONFIG and PATH for the hook below
+eval "$exports" # KUBECONFIG and PATH for the hook below
+hook_status=0
 if [ -f tests/cluster/after_up.sh ]; then
-  bash tests/cluster/after_up.sh
+  bash tests/cluster/after_up.sh || hook_status=$?
 fi
 kubectl_bin="$(dirname "$KUBECONFIG")/bin/kubectl"
 "$kubectl_bin" get nodes \
@@ -24,3 +25,7 @@ or without touching your shell's PATH:
   alias kubectl='$kubectl_bin --kubeconfig=$KUBECONFIG'
 Stop it:  .venv/bin/python -m tests.cluster down    Status: .venv/bin/python -m tests.cluster status
 MSG
+if [ "$hook_status" -ne 0 ]; then
+  echo "error: tests/cluster/after_up.sh failed (exit $hook_status); the cluster itself is up" >&2
+  exit "$hook_status"
+fi

@@ -183,9 +183,11 @@ SCENARIOS.append(("50 two-node jobs at once", 50, 2, 4))
 TARGETS = {1: 1.25, 50: 1.5}
 
 
-def run_bench(bench: Bench, repeats: int) -> list[dict[str, Any]]:
+def run_bench(bench: Bench, repeats: int, only: str | None = None) -> list[dict[str, Any]]:
     rows = []
     for title, jobs, nodes, devices in SCENARIOS:
+        if only and only not in title:
+            continue
         samples: dict[str, list[float]] = {"operator": [], "sequential": [], "threaded": []}
         for _ in range(repeats):  # interleaved, so drift in the machine's load hits every variant alike
             samples["sequential"].append(bench.baseline(jobs, nodes, devices, threads=1))
@@ -242,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kubeconfig", help="reuse a running local cluster (needs 64 nodes x 8 NPUs)")
     parser.add_argument("--out", default=str(REPO / "tests" / "bench" / "results" / "operator.md"))
+    parser.add_argument("--only", help="run only the scenarios whose title contains this text (no lifecycle counts)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
@@ -260,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             operator.start()
             bench = Bench(cluster, operator)
             bench.via_operator(1, 2, 8)  # warm-up: imports, connections, scheduler caches
-            rows = run_bench(bench, args.repeats)
-            lifecycles = {nodes: bench.lifecycle_requests(nodes, 8) for nodes in (2, 64)}
+            rows = run_bench(bench, args.repeats, args.only)
+            lifecycles = {} if args.only else {nodes: bench.lifecycle_requests(nodes, 8) for nodes in (2, 64)}
         finally:
             operator.stop()
             if not args.kubeconfig:

@@ -85,11 +85,20 @@ class LocalCluster(ClusterHandle):
     def start(self, binaries: dict[str, Path]) -> None:
         """Bring the whole cluster up, or raise ClusterError with nothing left running."""
         started = time.monotonic()
-        try:
-            self._start(binaries, started)
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in (1, 2):
+            try:
+                self._start(binaries, started)
+                break
+            except ClusterError as error:
+                self.stop()
+                # Ports are free when chosen but not reserved: another program may take one first. Retry once.
+                if attempt == 1 and "address already in use" in error.args[0]:
+                    self.log(f"{error.component}: a chosen port was taken meanwhile; starting again on new ports")
+                    continue
+                raise
+            except BaseException:
+                self.stop()
+                raise
         self.timings["total"] = time.monotonic() - started
 
     def stop(self) -> None:

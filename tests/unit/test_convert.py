@@ -259,14 +259,10 @@ def test_model_name_gives_the_architecture(tmp_path):
     [
         tiny_config(),
         tiny_config(num_experts=4, num_experts_per_tok=2),
-        pytest.param(
-            tiny_config(qkv_concat=True),
-            marks=pytest.mark.xfail(
-                strict=True, reason="modeling.py keeps feed_forward.w1/w3 under qkv_concat; the facts say w_gate_hidden"
-            ),
-        ),
+        tiny_config(qkv_concat=True),
+        tiny_config(qkv_concat=True, num_experts=4, num_experts_per_tok=2),
     ],
-    ids=["dense", "moe", "qkv_concat"],
+    ids=["dense", "moe", "qkv_concat", "qkv_concat_moe"],
 )
 def test_parameter_names_match_the_model(config):
     """The model and the converter agree on every name and shape (names from the facts file)."""
@@ -276,6 +272,29 @@ def test_parameter_names_match_the_model(config):
     names = {name: tuple(p.shape) for name, p in model.parameters_and_names()}
     assert names == ms_shapes(config, config.qkv_concat)
 
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_both_layouts_load_into_the_model_and_compute_the_same_logits(tmp_path, moe):
+    """`convert --qkv_concat` output loads into a qkv_concat model with nothing missing or left over."""
+    import mindspore as ms
+
+    from telechat2.modeling import TeleChat2ForCausalLM
+
+    overrides = {"num_experts": 4, "num_experts_per_tok": 2} if moe else {}
+    make_hf_checkpoint(tmp_path / "hf", tiny_config(**overrides), files=1)
+    ids = ms.Tensor(np.random.default_rng(3).integers(4, 512, (1, 7)), ms.int32)
+    logits = {}
+    for qkv_concat in (False, True):
+        config = tiny_config(qkv_concat=qkv_concat, **overrides)
+        convert_hf_to_ms(tmp_path / "hf", tmp_path / f"{qkv_concat}.ckpt", config, qkv_concat=qkv_concat)
+        model = TeleChat2ForCausalLM(config)
+        not_loaded, unused = ms.load_param_into_net(model, ms.load_checkpoint(str(tmp_path / f"{qkv_concat}.ckpt")))
+        assert (not_loaded, unused) == ([], [])
+        model.set_train(False)
+        logits[qkv_concat] = model(ids).asnumpy()
+    assert np.abs(logits[False]).max() > 1e-2  # weights really loaded (random init would be near zero)
+    np.testing.assert_allclose(logits[True], logits[False], rtol=1e-5, atol=1e-5)
 
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9

@@ -113,6 +113,15 @@ def test_greedy_with_the_kv_cache_equals_greedy_without_it(model, greedy_tokens)
     assert len(set(cached)) > 3  # a real sequence, not one token repeated
 
 
+@pytest.mark.slow
+def test_moe_and_qkv_concat_models_decode_the_same_with_and_without_the_cache():
+    for overrides in ({"num_experts": 4, "num_experts_per_tok": 2}, {"qkv_concat": True}):
+        variant = build_tiny_model(seed=32, **overrides)
+        config = GenerationConfig(**{**GREEDY.__dict__, "max_new_tokens": 4})
+        no_cache = GenerationConfig(**{**config.__dict__, "use_cache": False})
+        assert generate(variant, PROMPT, config) == generate(variant, PROMPT, no_cache), overrides
+
+
 def test_greedy_picks_the_argmax_of_the_full_forward(model):
     tokens = generate(model, PROMPT, GenerationConfig(repetition_penalty=1.0, max_new_tokens=3, stop_token_ids=()))
     sequence = list(PROMPT)

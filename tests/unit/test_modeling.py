@@ -70,12 +70,21 @@ def test_moe_and_qkv_concat_parameter_names():
     }
     assert dict(moe.parameters_and_names())["model.layers.0.feed_forward.router.dense.weight"].dtype == ms.float32
     fused = TeleChat2ForCausalLM(tiny_config(qkv_concat=True, num_layers=1))
-    attention = {n: tuple(p.shape) for n, p in fused.parameters_and_names() if ".attention." in n}
-    assert attention == {
-        "model.layers.0.attention.w_qkv.weight": (64 + 2 * 32, 64),
+    fused_shapes = {n: tuple(p.shape) for n, p in fused.parameters_and_names() if ".layers." in n}
+    assert fused_shapes == {
+        "model.layers.0.attention_norm.weight": (64,),
+        "model.layers.0.attention.w_qkv.weight": (64 + 2 * 32, 64),  # Q, then K of all heads, then V
         "model.layers.0.attention.wo.weight": (64, 64),
         "model.layers.0.attention.wo.bias": (64,),
+        "model.layers.0.ffn_norm.weight": (64,),
+        "model.layers.0.feed_forward.w_gate_hidden.weight": (2 * 128, 64),  # w1 (gate) rows, then w3 (up) rows
+        "model.layers.0.feed_forward.w2.weight": (64, 128),
+        "model.layers.0.feed_forward.w2.bias": (64,),
     }
+    fused_moe = TeleChat2ForCausalLM(tiny_config(qkv_concat=True, num_experts=4, num_experts_per_tok=2, num_layers=1))
+    moe_names = {n for n, _ in fused_moe.parameters_and_names() if ".feed_forward." in n}
+    assert moe_names == {f"model.layers.0.feed_forward.{n}" for n in ("router.dense.weight", *(
+        f"ffn.{w}.weight" for w in ("w1", "w3", "w2")), "ffn.w2.bias")}  # experts stay stacked  # fmt: skip
 
 
 def test_initialisation_uses_std_0_0048_and_zero_biases_unit_norms():
@@ -224,7 +233,8 @@ def test_loss_is_masked_cross_entropy_of_shifted_labels(tiny_model):
 
 
 def test_qkv_concat_layout_computes_the_same_function():
-    """w_qkv = concat(Q, K of every head, V of every head), de-interleaved from wk_v's [K_h0, V_h0, K_h1, V_h1]."""
+    """w_qkv = concat(Q, K of every head, V of every head), de-interleaved from wk_v's [K_h0, V_h0, K_h1, V_h1];
+    w_gate_hidden = concat(w1, w3)."""
     model = build_tiny_model(seed=5)
     fused = TeleChat2ForCausalLM(tiny_config(qkv_concat=True))
     fused.set_train(False)
@@ -235,7 +245,9 @@ def test_qkv_concat_layout_computes_the_same_function():
             kv = source[name.replace("wq", "wk_v")].reshape(2, 2 * 16, 64)  # [kv_heads, K;V, H]
             keys, values = kv[:, :16].reshape(32, 64), kv[:, 16:].reshape(32, 64)
             converted[name.replace("wq", "w_qkv")] = np.concatenate([value, keys, values])
-        elif not name.endswith("wk_v.weight"):
+        elif name.endswith("feed_forward.w1.weight"):
+            converted[name.replace("w1", "w_gate_hidden")] = np.concatenate([value, source[name.replace("w1", "w3")]])
+        elif not name.endswith(("wk_v.weight", "feed_forward.w3.weight")):
             converted[name] = value
     for name, param in fused.parameters_and_names():
         param.set_data(ms.Tensor(converted[name]))
