@@ -18,7 +18,7 @@ import math
 
 import mindspore as ms
 import numpy as np
-from mindspore import Parameter, Tensor, mint, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, One, Zero, initializer
 
 from telechat2.config import TeleChat2Config
@@ -129,7 +129,7 @@ class TeleChat2Linear(nn.Cell):
         y = self.matmul(x, self.weight.astype(self.compute_dtype))  # [M, out]
         if self.has_bias:
             y = self.bias_add(y, self.bias.astype(self.compute_dtype))
-        return y.reshape(leading + (self.out_features,))
+        return y.reshape(leading + (self.out_features,))  # noqa: RUF005 (graph mode)
 
 
 class TeleChat2Embedding(nn.Cell):

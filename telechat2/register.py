@@ -25,8 +25,10 @@ from mindformers.modules.transformer.moe import MoEConfig
 from mindformers.modules.transformer.transformer import TransformerOpParallelConfig
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+import telechat2.tokenizer
 from telechat2.config import TeleChat2Config
 from telechat2.modeling import TeleChat2ForCausalLM
+from telechat2.parallel import apply_parallel_plan, semi_auto_parallel_active
 
 MODEL_TYPE_NAME = "TeleChat2ForCausalLM"  # YAML model.arch.type
 CONFIG_TYPE_NAME = "TeleChat2Config"  # YAML model.model_config.type
@@ -77,10 +79,19 @@ class TeleChat2MFForCausalLM(TeleChat2ForCausalLM, PreTrainedModel):
             config = TeleChat2MFConfig(**config)
         PreTrainedModel.__init__(self, config)  # nn.Cell and GenerationMixin set-up; not TeleChat2ForCausalLM's
         self._build(config.to_architecture())
+        parallel_config = getattr(config, "parallel_config", None)
+        if parallel_config is not None and semi_auto_parallel_active():
+            # MindFormers' Trainer builds the network here after build_context set the parallel mode: the one
+            # place every semi-auto parallel run (finetune through telechat2.train, or MindFormers' own scripts)
+            # passes through. Data-parallel and stand-alone runs (CPU) skip it.
+            apply_parallel_plan(self, parallel_config, offset=getattr(config, "offset", 0) or 0)
 
 
 def register_with_mindformers() -> None:
-    """Register the model and its config under their YAML type names. Safe to call any number of times."""
+    """Register the model, its config and the tokenizer under their YAML type names (`model.arch.type`,
+    `model.model_config.type`, `processor.tokenizer.type: TeleChat2Tokenizer`). Safe to call any number of times.
+    """
+    telechat2.tokenizer.register_with_mindformers()
     for cls, module_type, name in (
         (TeleChat2MFConfig, MindFormerModuleType.CONFIG, CONFIG_TYPE_NAME),
         (TeleChat2MFForCausalLM, MindFormerModuleType.MODELS, MODEL_TYPE_NAME),

@@ -5,7 +5,9 @@ As the seed does (`run_mindformer.py --config ... --run_mode finetune`), trainin
 dataset (`train_dataset.data_loader.dataset_dir`, the MindRecord from `telechat2 preprocess`), `load_checkpoint`,
 `output_dir`, optimizer, lr schedule, epochs and save steps (the CheckpointMonitor callback). MindFormers saves
 per-rank checkpoints under `output_dir/checkpoint/rank_N/` and, for semi-auto parallel layouts, strategy files under
-`output_dir/strategy/`.
+`output_dir/strategy/`. Those layouts (model_parallel / pipeline_stage / expert_parallel > 1, `parallel.parallel_mode`
+1) are split by `telechat2.parallel.apply_parallel_plan`, which the registered model applies when the Trainer builds
+it (`telechat2.register`); data-parallel runs, CPU included, leave the model as built.
 
 `--resume` (or `resume_training: True` in the YAML) continues from the newest complete checkpoint under
 `output_dir/checkpoint` (MindFormers' meta.json records it, per rank), restoring the optimizer state and the step

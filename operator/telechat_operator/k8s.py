@@ -105,10 +105,11 @@ def get_finetune(namespace: str, name: str) -> dict[str, Any] | None:
         raise
 
 
-def patch_finetune_status(namespace: str, name: str, patch: Mapping[str, Any]) -> None:
-    """Merge-patch the status subresource only: the operator never writes spec."""
+def patch_finetune_status(namespace: str, name: str, patch: Mapping[str, Any]) -> str:
+    """Merge-patch the status subresource only (the operator never writes spec); returns the new resourceVersion."""
     path = f"{_collection(c.API_VERSION, namespace, c.FINETUNE_PLURAL)}/{name}/status"
-    _request("PATCH", path, c.FINETUNE_PLURAL, body={"status": patch}, content_type=MERGE_PATCH)
+    result = _request("PATCH", path, c.FINETUNE_PLURAL, body={"status": patch}, content_type=MERGE_PATCH)
+    return str(result["metadata"]["resourceVersion"])
 
 
 # --- children ------------------------------------------------------------------------------------------------

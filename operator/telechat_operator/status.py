@@ -398,10 +398,7 @@ class _Machine:
                 self.plan.create_ranks = missing
                 self.status["state"] = c.STATE_PENDING
                 return
-            self.status["launchedAttempt"] = self.attempt
-            message = f"created {spec.nodes} rank pods for attempt {self.attempt}"
-            self.cond(c.COND_CREATED, True, "PodsCreated", message)
-            self.event("PodsCreated", message)
+            self.plan.events += mark_launched(self.status, spec, self.now)
 
         failures = [f for p in current.values() if (f := classify_failure(p, spec.run_policy.restart_policy))]
         failures += [
@@ -467,6 +464,19 @@ class _Machine:
             key = pod.phase.lower() if pod.phase.lower() in counts else "pending"
             counts[key] += 1
         self.status["pods"] = counts
+
+
+def mark_launched(status: dict[str, Any], spec: FinetuneSpec, now: datetime) -> list[Event]:
+    """Every rank pod of the current attempt exists: later passes treat a missing one as lost.
+
+    Called by the state machine when a list shows every rank, and by the handler right after it created all the
+    missing ranks itself (each create a 201), which saves a pass per attempt."""
+    attempt = int(status.get("attempt", 0))
+    status["launchedAttempt"] = attempt
+    message = f"created {spec.nodes} rank pods for attempt {attempt}"
+    set_condition(status, c.COND_CREATED, True, "PodsCreated", message, now, spec.generation)
+    status["message"] = message
+    return [Event("Normal", "PodsCreated", message)]
 
 
 def _stamp_generation(status: dict[str, Any], generation: int) -> None:

@@ -4,7 +4,9 @@ Speaks the two dialects TeleChat2's users already call: TGI/MindIE (`/generate`,
 deployment target) and OpenAI (`/v1/chat/completions`, `/v1/completions`, `/v1/models`), plus Triton-style health
 (`/v2/health/*`) and Prometheus `/metrics`.
 
-Modules: `app` (CLI, app factory, routes), `scheduler` (bounded queue + one generation thread), `engine` (the model
-behind a small interface), `text` (incremental detokenization and stop strings), `schemas`, `metrics`, `auth`.
+Modules: `app` (CLI, app factory, health and metrics routes), `tgi` and `openai_api` (the two dialects), `runtime`
+(limits and one generation run), `scheduler` (bounded queue + one generation thread), `engine` (the model behind a
+small interface), `text` (incremental detokenization and stop strings), `distributed` (msrun lockstep), `schemas`,
+`metrics`, `auth`.
 Importing the package never imports MindSpore: the engine module imports it only when the real model is loaded.
 """

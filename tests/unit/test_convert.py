@@ -273,7 +273,6 @@ def test_parameter_names_match_the_model(config):
     assert names == ms_shapes(config, config.qkv_concat)
 
 
-
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_both_layouts_load_into_the_model_and_compute_the_same_logits(tmp_path, moe):
     """`convert --qkv_concat` output loads into a qkv_concat model with nothing missing or left over."""
@@ -295,6 +294,7 @@ def test_both_layouts_load_into_the_model_and_compute_the_same_logits(tmp_path, 
         logits[qkv_concat] = model(ids).asnumpy()
     assert np.abs(logits[False]).max() > 1e-2  # weights really loaded (random init would be near zero)
     np.testing.assert_allclose(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
 
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9

@@ -74,3 +74,40 @@ def test_bad_architecture_in_yaml_fails_with_the_field_named():
     section = MindFormerConfig(**_model_section(num_heads=5))
     with pytest.raises(ValueError, match="num_heads 5"):
         build_network(section)
+
+
+def test_registration_also_makes_the_yaml_tokenizer_type_resolvable():
+    from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+    from telechat2.register import register_with_mindformers
+    from telechat2.tokenizer import TeleChat2Tokenizer
+
+    tokenizers = MindFormerRegister.registry.setdefault(MindFormerModuleType.TOKENIZER, {})
+    tokenizers.pop("TeleChat2Tokenizer", None)  # as in a process that has not imported telechat2.tokenizer yet
+    register_with_mindformers()
+    # what `processor.tokenizer.type: TeleChat2Tokenizer` resolves through
+    assert MindFormerRegister.get_cls(MindFormerModuleType.TOKENIZER, "TeleChat2Tokenizer") is TeleChat2Tokenizer
+
+
+def test_semi_auto_parallel_build_applies_the_parallel_plan():
+    """In semi-auto parallel mode (set by MindFormers' build_context on Ascend) the built network carries the plan."""
+    from mindformers.models.build_model import build_network
+    from mindformers.modules.transformer.transformer import TransformerOpParallelConfig
+    from mindformers.tools.register import MindFormerConfig
+
+    from telechat2.register import register_with_mindformers
+
+    register_with_mindformers()
+    layout = TransformerOpParallelConfig(data_parallel=1, model_parallel=2, pipeline_stage=2, vocab_emb_dp=False)
+    section = MindFormerConfig(**_model_section(checkpoint_name_or_path=None))
+    ms.set_auto_parallel_context(parallel_mode="semi_auto_parallel", device_num=4, pipeline_stages=2)
+    try:
+        network = build_network(section, default_args={"parallel_config": layout, "moe_config": {}})
+    finally:
+        ms.reset_auto_parallel_context()
+    cells = dict(network.cells_and_names())
+    assert cells["model.layers.1.attention.wo"].matmul.attrs["in_strategy"] == ((1, 2), (1, 2))
+    assert cells["model.tok_embeddings"].gather.attrs["in_strategy"] == ((2, 1), (1, 1))
+    assert (cells["model.layers.0"].pipeline_stage, cells["lm_head"].pipeline_stage) == (0, 1)
+    stand_alone = build_network(section, default_args={"parallel_config": layout, "moe_config": {}})
+    assert "in_strategy" not in dict(stand_alone.cells_and_names())["lm_head"].matmul.attrs  # CPU runs: untouched

@@ -23,7 +23,7 @@ from telechat_operator.builders.pods import build_merge_pod, build_rank_pod
 from telechat_operator.builders.service import build_service
 from telechat_operator.settings import OperatorConfig
 from telechat_operator.spec import FinetuneSpec, SpecError, parse
-from telechat_operator.status import Backoff, Plan, PodView, invalid_spec_plan, reconcile
+from telechat_operator.status import Backoff, Plan, PodView, invalid_spec_plan, mark_launched, reconcile
 from telechat_operator.workqueue import WorkQueue
 
 logger = logging.getLogger(__name__)
@@ -99,6 +99,8 @@ def job_going(err: k8s.ApiError, namespace: str, name: str) -> bool:
     return err.status == 403 and "being terminated" in err.message
 
 
+# resourceVersion of each job's last status write by this operator: its watch event echoes state we already hold.
+own_status_writes: dict[Hashable, str] = {}
 # When each job's status was last written: pod-count-only updates are batched (see defer_count_only_update).
 last_status_write: dict[Hashable, float] = {}
 
@@ -126,7 +128,8 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
     started = time.monotonic()
     if spec is not None:
         try:
-            create_children(spec, plan)
+            if create_children(spec, plan):
+                plan.events += mark_launched(plan.status, spec, datetime.now(UTC))
         except k8s.ApiError as err:
             if err.status not in (400, 422):
                 raise
@@ -138,7 +141,8 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
             plan = invalid
     patch = status_patch(old_status, plan.status)
     if patch:
-        k8s.patch_finetune_status(meta["namespace"], meta["name"], patch)
+        key = (meta["namespace"], meta["name"])
+        own_status_writes[key] = k8s.patch_finetune_status(meta["namespace"], meta["name"], patch)
     count_transitions(old_status, plan.status)
     for pod_name in plan.delete_pods:
         k8s.delete_pod(meta["namespace"], pod_name)
@@ -160,8 +164,10 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
     return bool(patch)
 
 
-def create_children(spec: FinetuneSpec, plan: Plan) -> None:
-    """Every object of the pass at once: pods need not wait for their ConfigMap (the kubelet does)."""
+def create_children(spec: FinetuneSpec, plan: Plan) -> bool:
+    """Every object of the pass at once: pods need not wait for their ConfigMap (the kubelet does).
+
+    Returns True when every rank pod asked for was newly created (201s, no 409)."""
     attempt = int(plan.status["attempt"])
     if plan.ensure_children and spec.gang_scheduled:
         k8s.create(build_pod_group(spec))  # before its pods: Volcano's admission looks the group up
@@ -169,6 +175,7 @@ def create_children(spec: FinetuneSpec, plan: Plan) -> None:
     for rank in plan.create_ranks:  # first: they are on the path to Running
         pod = build_rank_pod(spec, rank, attempt)
         creations.append(lambda pod=pod: k8s.create(pod))
+    ranks = len(plan.create_ranks)
     if plan.ensure_children:
         creations.append(lambda: ensure_config_map(spec))  # rendering takes tens of ms: off the pods' path
         creations.append(lambda: k8s.create(build_service(spec)))
@@ -177,10 +184,11 @@ def create_children(spec: FinetuneSpec, plan: Plan) -> None:
         merge_pod = build_merge_pod(spec, plan.create_merge)
         creations.append(lambda: k8s.create(merge_pod))
     if len(creations) == 1:
-        creations[0]()
+        results = [creations[0]()]
     else:
-        for future in [io_pool.submit(create) for create in creations]:
-            future.result()  # re-raises the first failure after all were attempted
+        futures = [io_pool.submit(create) for create in creations]
+        results = [future.result() for future in futures]  # re-raises the first failure after all were attempted
+    return ranks > 0 and all(result is True for result in results[:ranks])
 
 
 def ensure_config_map(spec: FinetuneSpec) -> None:
@@ -200,13 +208,17 @@ queue = WorkQueue(KIND, reconcile_finetune, workers=config.reconcile_workers)
 
 
 @kopf.on.event(c.GROUP, c.VERSION, c.FINETUNE_PLURAL)
-async def finetune_changed(type: str | None, name: str, namespace: str, **_: Any) -> None:
+async def finetune_changed(type: str | None, body: Mapping[str, Any], name: str, namespace: str, **_: Any) -> None:
+    key = (namespace, name)
     if type == "DELETED":
+        own_status_writes.pop(key, None)
         queue.forget((namespace, name))
         last_status_write.pop((namespace, name), None)
         states.observe((namespace, name), None)
         return
-    queue.trigger((namespace, name))
+    if own_status_writes.get(key) == body["metadata"].get("resourceVersion"):
+        return  # the echo of our own status write: the pass that wrote it already acted on that state
+    queue.trigger(key)
 
 
 # Last (phase, deleting) seen per pod: most pod updates (binding, IPs, conditions) change nothing a job decides
