@@ -33,10 +33,12 @@ class OperatorConfig:
     backoff_max_seconds: float = 300.0
     # Every job is reconciled at least this often even without events (a safety net for missed watch events).
     resync_seconds: float = 300.0
+    # Pod events are collected this long before the job is reconciled (one pass for a burst of rank pod changes).
+    pod_event_settle_seconds: float = 0.2
     # Minimum interval between status writes that only update the pod counts (status.pods).
     status_counts_seconds: float = 2.0
     # Concurrent reconcile passes across all jobs, and concurrent pod creations within one pass.
-    reconcile_workers: int = 8
+    reconcile_workers: int = 16
     create_workers: int = 16
     # Watch stream timeouts: without them a silently dropped connection stalls the operator forever.
     watch_server_timeout: float = 300.0

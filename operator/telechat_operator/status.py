@@ -279,12 +279,17 @@ class _Machine:
                 self.restarting()
             else:
                 self.training()
+        if status.get("state") in c.TERMINAL_STATES:
+            self.expire_finished_pods()  # also when the job finished in this very pass: schedule the TTL
         self.count_pods()
         _stamp_generation(self.status, self.gen)
         return self.plan
 
     def finished(self) -> None:
         self.delete(self.active())
+
+    def expire_finished_pods(self) -> None:
+        """ttlSecondsAfterFinished: remove every pod once it has passed, else look again then."""
         ttl = self.spec.run_policy.ttl_seconds_after_finished
         done = from_timestamp(self.status.get("completionTime"))
         if ttl is None or done is None:

@@ -259,6 +259,12 @@ def test_ttl_after_finished_removes_the_pods_but_not_before() -> None:
     assert after.status["state"] == c.STATE_SUCCEEDED
 
 
+def test_the_pass_that_finishes_a_job_schedules_its_ttl() -> None:
+    done = [worker(0, phase="Succeeded"), worker(1, phase="Succeeded")]
+    plan = run(running_status(), done, merge={"enabled": False}, runPolicy={"ttlSecondsAfterFinished": 30})
+    assert plan.status["state"] == c.STATE_SUCCEEDED and plan.requeue_after == 30
+
+
 def test_a_new_generation_updates_observed_generation_on_every_condition() -> None:
     status = running_status()
     spec = make_spec()

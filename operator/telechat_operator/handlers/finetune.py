@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Hashable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -146,8 +146,8 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
     count_transitions(old_status, plan.status)
     for pod_name in plan.delete_pods:
         k8s.delete_pod(meta["namespace"], pod_name)
-    for event in plan.events:
-        k8s.post_event(job, event.type, event.reason, event.message)
+    for event in plan.events:  # best effort and off the pass's path: the status already says it all
+        io_pool.submit(k8s.post_event, job, event.type, event.reason, event.message).add_done_callback(log_failure)
     if patch or plan.create_ranks or plan.create_merge or plan.delete_pods:
         logger.info(
             "%s/%s: state=%s attempt=%s created ranks %s%s, deleted %s, status %s (%.0f ms)",
@@ -165,30 +165,35 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
 
 
 def create_children(spec: FinetuneSpec, plan: Plan) -> bool:
-    """Every object of the pass at once: pods need not wait for their ConfigMap (the kubelet does).
+    """The pods first, all at once; then the ConfigMap (rendering it takes tens of milliseconds of CPU) and the
+    Service, which a pod needs only once its container starts (the kubelet waits for its volumes).
 
     Returns True when every rank pod asked for was newly created (201s, no 409)."""
     attempt = int(plan.status["attempt"])
     if plan.ensure_children and spec.gang_scheduled:
         k8s.create(build_pod_group(spec))  # before its pods: Volcano's admission looks the group up
-    creations: list[Callable[[], object]] = []
-    for rank in plan.create_ranks:  # first: they are on the path to Running
-        pod = build_rank_pod(spec, rank, attempt)
-        creations.append(lambda pod=pod: k8s.create(pod))
-    ranks = len(plan.create_ranks)
-    if plan.ensure_children:
-        creations.append(lambda: ensure_config_map(spec))  # rendering takes tens of ms: off the pods' path
-        creations.append(lambda: k8s.create(build_service(spec)))
+    pods = [build_rank_pod(spec, rank, attempt) for rank in plan.create_ranks]
     if plan.create_merge is not None:
         metrics.MERGES.labels(kind=KIND).inc()
-        merge_pod = build_merge_pod(spec, plan.create_merge)
-        creations.append(lambda: k8s.create(merge_pod))
-    if len(creations) == 1:
-        results = [creations[0]()]
-    else:
-        futures = [io_pool.submit(create) for create in creations]
-        results = [future.result() for future in futures]  # re-raises the first failure after all were attempted
-    return ranks > 0 and all(result is True for result in results[:ranks])
+        pods.append(build_merge_pod(spec, plan.create_merge))
+    created = run_all([lambda pod=pod: k8s.create(pod) for pod in pods])
+    if plan.ensure_children:
+        run_all([lambda: ensure_config_map(spec), lambda: k8s.create(build_service(spec))])
+    ranks = len(plan.create_ranks)
+    return ranks > 0 and all(result is True for result in created[:ranks])
+
+
+def run_all(calls: list[Callable[[], object]]) -> list[object]:
+    """Run API calls concurrently on the shared pool; every call is attempted, then the first failure re-raised."""
+    if len(calls) <= 1:
+        return [call() for call in calls]
+    futures = [io_pool.submit(call) for call in calls]
+    return [future.result() for future in futures]
+
+
+def log_failure(future: Future[object]) -> None:
+    if future.exception() is not None:
+        logger.warning("posting an Event failed: %s", future.exception())
 
 
 def ensure_config_map(spec: FinetuneSpec) -> None:
@@ -237,4 +242,5 @@ async def pod_changed(
         if pod_facts.get(uid) == facts:
             return
         pod_facts[uid] = facts
-    queue.trigger((namespace, labels[c.LABEL_JOB_NAME]))
+    # A group's pods change together: a short settle turns a burst of their events into one pass.
+    queue.trigger((namespace, labels[c.LABEL_JOB_NAME]), delay=config.pod_event_settle_seconds)
