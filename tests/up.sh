@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # README's first command: bring the local simulated Ascend cluster up (building what it must) and say how to use it.
-#   bash tests/up.sh [--nodes N] [--state-dir DIR]      stop it with: .venv/bin/python -m tests.cluster down
+#   bash tests/up.sh [--nodes N] [--state-dir DIR]      stop it with: .venv/bin/python -m tests.cluster down [--state-dir DIR]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source tests/cluster/lib.sh
@@ -13,7 +13,10 @@ hook_status=0
 if [ -f tests/cluster/after_up.sh ]; then
   bash tests/cluster/after_up.sh || hook_status=$?
 fi
-kubectl_bin="$(dirname "$KUBECONFIG")/bin/kubectl"
+state_dir="$(dirname "$KUBECONFIG")"
+kubectl_bin="$state_dir/bin/kubectl"
+state_arg="" # `down` and `status` must name the state dir `up` used, or they look at .cluster/
+[ "$state_dir" = "$PWD/.cluster" ] || state_arg=" --state-dir $state_dir"
 "$kubectl_bin" get nodes \
   --output=custom-columns='NAME:.metadata.name,READY:.status.conditions[?(@.type=="Ready")].status,NPU:.status.allocatable.huawei\.com/Ascend910,ACCELERATOR:.metadata.labels.accelerator-type'
 cat <<MSG
@@ -23,7 +26,8 @@ $exports
   kubectl get nodes
 or without touching your shell's PATH:
   alias kubectl='$kubectl_bin --kubeconfig=$KUBECONFIG'
-Stop it:  .venv/bin/python -m tests.cluster down    Status: .venv/bin/python -m tests.cluster status
+Stop it (cluster and operator):  .venv/bin/python -m tests.cluster down$state_arg
+Status:  .venv/bin/python -m tests.cluster status$state_arg
 MSG
 if [ "$hook_status" -ne 0 ]; then
   echo "error: tests/cluster/after_up.sh failed (exit $hook_status); the cluster itself is up" >&2

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     @kopf.on.startup()
     def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        configure_kopf(settings, config, peering=args.peering)
+        configure_kopf(settings, config, peering=args.peering, namespaces=args.namespace)
 
     if args.metrics_port:
         start_http_server(args.metrics_port)

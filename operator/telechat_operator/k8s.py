@@ -1,9 +1,14 @@
-"""The only module that talks to the Kubernetes API (kopf's own watches aside).
+"""The only module that talks to the Kubernetes API (kopf's own watches aside), for both kinds.
 
 Plain JSON over the `kubernetes` client's configured connection (auth, TLS, proxies from kubeconfig or the
 in-cluster service account), without its model classes: the operator works on dicts end to end, and skipping
 model deserialization keeps a 64-pod list cheap. Writes are idempotent: create treats 409 as done, delete treats
 404 as done. Every request is counted in `telechat_operator_api_requests_total`.
+
+Children the TeleChatInference controller keeps in step with its spec (ConfigMap, Service, Deployment) are written
+with server-side apply under the field manager `telechat-operator`: the operator owns exactly the fields it sets, a
+field it stops setting is removed, and fields others own (a cloud controller's Service annotations, the Deployment
+controller's revision annotation) are left alone.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from telechat_operator import constants as c
+from telechat_operator import inference_constants as ic
 from telechat_operator import metrics
 
 _client_lock = threading.Lock()
 _client: kubernetes.client.ApiClient | None = None
 
 MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"  # JSON is YAML: the body is sent as JSON
 
 
 class ApiError(RuntimeError):
@@ -86,30 +93,57 @@ def _collection(api_version: str, namespace: str, plural: str) -> str:
     return f"{prefix}/namespaces/{quote(namespace)}/{plural}"
 
 
-_PLURALS = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps", "Event": "events", "PodGroup": "podgroups"}
+_PLURALS = {
+    "Pod": "pods",
+    "Service": "services",
+    "ConfigMap": "configmaps",
+    "Event": "events",
+    "PodGroup": "podgroups",
+    "Deployment": "deployments",
+}
+_CORE_API_VERSIONS = {"Pod": "v1", "Service": "v1", "ConfigMap": "v1", "Event": "v1", "Deployment": "apps/v1"}
 
 
 def _plural(body: Mapping[str, Any]) -> str:
     return _PLURALS[body["kind"]]
 
 
-# --- the custom resource -------------------------------------------------------------------------------------
+def _object_path(api_version: str, namespace: str, plural: str, name: str) -> str:
+    return f"{_collection(api_version, namespace, plural)}/{quote(name)}"
 
 
-def get_finetune(namespace: str, name: str) -> dict[str, Any] | None:
+def _get(path: str, resource: str) -> dict[str, Any] | None:
+    """GET one object; None when it does not exist (404)."""
     try:
-        return _request("GET", f"{_collection(c.API_VERSION, namespace, c.FINETUNE_PLURAL)}/{name}", c.FINETUNE_PLURAL)
+        return _request("GET", path, resource)
     except ApiError as err:
         if err.status == 404:
             return None
         raise
 
 
+# --- the custom resource -------------------------------------------------------------------------------------
+
+
+def get_finetune(namespace: str, name: str) -> dict[str, Any] | None:
+    return _get(_object_path(c.API_VERSION, namespace, c.FINETUNE_PLURAL, name), c.FINETUNE_PLURAL)
+
+
 def patch_finetune_status(namespace: str, name: str, patch: Mapping[str, Any]) -> str:
     """Merge-patch the status subresource only (the operator never writes spec); returns the new resourceVersion."""
-    path = f"{_collection(c.API_VERSION, namespace, c.FINETUNE_PLURAL)}/{name}/status"
+    path = _object_path(c.API_VERSION, namespace, c.FINETUNE_PLURAL, name) + "/status"
     result = _request("PATCH", path, c.FINETUNE_PLURAL, body={"status": patch}, content_type=MERGE_PATCH)
     return str(result["metadata"]["resourceVersion"])
+
+
+def get_inference(namespace: str, name: str) -> dict[str, Any] | None:
+    return _get(_object_path(c.API_VERSION, namespace, ic.INFERENCE_PLURAL, name), ic.INFERENCE_PLURAL)
+
+
+def patch_inference_status(namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+    """Merge-patch the status subresource only: the operator never writes spec."""
+    path = _object_path(c.API_VERSION, namespace, ic.INFERENCE_PLURAL, name) + "/status"
+    _request("PATCH", path, ic.INFERENCE_PLURAL, body={"status": patch}, content_type=MERGE_PATCH)
 
 
 # --- children ------------------------------------------------------------------------------------------------
@@ -119,6 +153,34 @@ def list_pods(namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]
     selector = ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
     result = _request("GET", _collection("v1", namespace, "pods"), "pods", query={"labelSelector": selector})
     return list(result.get("items") or [])
+
+
+def get_child(kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    """A Pod, Service, ConfigMap or Deployment by name; None if absent."""
+    plural = _PLURALS[kind]
+    return _get(_object_path(_CORE_API_VERSIONS[kind], namespace, plural, name), plural)
+
+
+def list_children(kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+    """Pods, Services, ConfigMaps or Deployments matching a label selector string."""
+    plural = _PLURALS[kind]
+    path = _collection(_CORE_API_VERSIONS[kind], namespace, plural)
+    result = _request("GET", path, plural, query={"labelSelector": selector})
+    return list((result or {}).get("items") or [])
+
+
+def apply(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Server-side apply (create or update) with our field manager, taking over conflicting fields."""
+    meta = body["metadata"]
+    plural = _plural(body)
+    return _request(
+        "PATCH",
+        _object_path(body["apiVersion"], meta["namespace"], plural, meta["name"]),
+        plural,
+        body=dict(body),
+        query={"fieldManager": c.OPERATOR_NAME, "force": "true"},
+        content_type=APPLY_PATCH,
+    )
 
 
 def create(body: Mapping[str, Any]) -> bool:
@@ -141,19 +203,29 @@ def create_or_patch(body: Mapping[str, Any], patch: Mapping[str, Any]) -> None:
         _request("PATCH", path, _plural(body), body=patch, content_type=MERGE_PATCH)
 
 
-def delete_pod(namespace: str, name: str) -> None:
+def delete_child(kind: str, namespace: str, name: str) -> None:
+    """Delete (404 is done); dependents (a Deployment's pods) go in the background through the garbage collector."""
+    plural = _PLURALS[kind]
     try:
         _request(
-            "DELETE", f"{_collection('v1', namespace, 'pods')}/{name}", "pods", body={"propagationPolicy": "Background"}
+            "DELETE",
+            _object_path(_CORE_API_VERSIONS[kind], namespace, plural, name),
+            plural,
+            body={"propagationPolicy": "Background"},
         )
     except ApiError as err:
         if err.status != 404:
             raise
 
 
-def post_event(job: Mapping[str, Any], event_type: str, reason: str, message: str) -> None:
-    """A core/v1 Event on the job, so `kubectl describe tcft` tells the story."""
-    meta = job["metadata"]
+def delete_pod(namespace: str, name: str) -> None:
+    delete_child("Pod", namespace, name)
+
+
+def post_event(kind: str, obj: Mapping[str, Any], event_type: str, reason: str, message: str) -> None:
+    """A core/v1 Event on one of our resources (`kind` is TeleChatFinetune or TeleChatInference), so
+    `kubectl describe` tells the story."""
+    meta = obj["metadata"]
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     body = {
         "apiVersion": "v1",
@@ -161,7 +233,7 @@ def post_event(job: Mapping[str, Any], event_type: str, reason: str, message: st
         "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
         "involvedObject": {
             "apiVersion": c.API_VERSION,
-            "kind": c.FINETUNE_KIND,
+            "kind": kind,
             "name": meta["name"],
             "namespace": meta["namespace"],
             "uid": meta.get("uid"),

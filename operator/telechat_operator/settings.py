@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import kopf
@@ -73,8 +73,26 @@ class NoDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
         return None
 
 
-def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig, *, peering: str | None) -> None:
+_GLOB_CHARS = frozenset("*?[]!,")
+
+
+def exact_namespaces(namespaces: Collection[str]) -> bool:
+    """True when the operator is namespace-scoped to plain names only (no globs, negations or lists)."""
+    return bool(namespaces) and not any(_GLOB_CHARS & set(name) for name in namespaces)
+
+
+def configure_kopf(
+    settings: kopf.OperatorSettings,
+    config: OperatorConfig,
+    *,
+    peering: str | None,
+    namespaces: Collection[str] = (),
+) -> None:
     """Apply the operator's choices to kopf's settings (called from the startup handler)."""
+    # Namespace-scoped with plain names, the operator's RBAC (a Role) cannot list namespaces or CRDs cluster-wide,
+    # and kopf would spend its first minute retrying that forbidden scan before serving. The names are known and
+    # the CRDs are installed before the operator, so there is nothing to discover. Globs still need the scan.
+    settings.scanning.disabled = exact_namespaces(namespaces)
     settings.watching.server_timeout = int(config.watch_server_timeout)  # the API takes whole seconds
     settings.watching.client_timeout = config.watch_client_timeout
     settings.watching.connect_timeout = config.watch_connect_timeout

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.cluster import procs
 from tests.cluster.build import ensure_built
-from tests.cluster.controlplane import DEFAULT_STATE_DIR, LocalCluster, memory_report
+from tests.cluster.controlplane import DEFAULT_STATE_DIR, LocalCluster, memory_report, running_on, stop_state_dir
 from tests.cluster.errors import ClusterError
 
 
@@ -45,7 +45,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    stopped = procs.reap(args.state_dir.resolve() / "pids.json", _log, what="")
+    stopped = stop_state_dir(args.state_dir, _log, what="")
     _log(f"stopped {stopped} process(es)")
     return 0
 
@@ -55,6 +55,11 @@ def _status(args: argparse.Namespace) -> int:
     report = memory_report(state_dir / "pids.json")
     if not report:
         print(f"no cluster recorded in {state_dir}")
+        unrecorded = running_on(state_dir)
+        if unrecorded:
+            print(f"yet these run on it (stop them with `down --state-dir {state_dir}`):")
+            for process in unrecorded:
+                print(f"{process.name:<25} pid {process.pid}")
         return 1
     total = 0
     for name, pid, rss in report:
@@ -64,6 +69,9 @@ def _status(args: argparse.Namespace) -> int:
             total += rss
             print(f"{name:<25} pid {pid:<8} RSS {rss / 1024:7.1f} MiB")
     print(f"{'total':<25} {'':<12} RSS {total / 1024:7.1f} MiB")
+    for pid_path, process in procs.recorded_in_pid_files(state_dir):  # e.g. the dev operator (operator.pid)
+        rss = procs.rss_kib(process.pid) or 0
+        print(f"{process.name:<25} pid {process.pid:<8} RSS {rss / 1024:7.1f} MiB (from {pid_path.name})")
     state_file = state_dir / "cluster.json"
     if state_file.exists():
         state = json.loads(state_file.read_text())

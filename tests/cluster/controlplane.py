@@ -33,6 +33,8 @@ READY_TIMEOUT = float(os.environ.get("TELECHAT_CLUSTER_READY_TIMEOUT", "180"))  
 _STATE_ENTRIES = ("etcd-data", "pki", "kubeconfigs", "kwok", "logs", "kubeconfig", "cluster.json", "nodes.yaml")
 # Stop order: clients first, etcd last.
 _STOP_ORDER = ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
+# Entries that only the components name on their command lines (not `logs`: a `tail -f` of a log is no component).
+_COMPONENT_PATHS = ("etcd-data", "pki", "kubeconfigs", "kwok")
 
 
 class ClusterHandle:
@@ -107,11 +109,11 @@ class LocalCluster(ClusterHandle):
         for process in running:
             procs.terminate([process])
         self.processes = []
-        self.pidfile.unlink(missing_ok=True)
+        procs.remove_own_pidfile(self.pidfile)
 
     def _start(self, binaries: dict[str, Path], started: float) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        procs.reap(self.pidfile, self.log)
+        stop_state_dir(self.state_dir, self.log)
         for entry in _STATE_ENTRIES:
             path = self.state_dir / entry
             if path.is_dir() and not path.is_symlink():
@@ -259,6 +261,35 @@ class LocalCluster(ClusterHandle):
             "ready_seconds": {name: round(seconds, 2) for name, seconds in self.timings.items()},
         }
         _write_private(self.state_dir / "cluster.json", json.dumps(state, indent=2) + "\n")
+
+
+def stop_state_dir(state_dir: Path, log: Callable[[str], None] = lambda message: None, what: str = "leftover ") -> int:
+    """Stop everything running on `state_dir`; returns how many processes were stopped.
+
+    In order: the clients recorded in `*.pid` files (the dev operator's `operator.pid`), the components in
+    `pids.json`, then any process whose command line still names the dir's component files (`etcd-data/`, `pki/`,
+    `kubeconfigs/`, `kwok/`): the pidfile may be missing, unreadable or incomplete, and those must not outlive it.
+    Clusters of pytest sessions nested in the dir (`pytest-<pid>/`) are not this dir's and are left alone.
+    """
+    state_dir = state_dir.resolve()
+    stopped = 0
+    for pid_path, process in procs.recorded_in_pid_files(state_dir):
+        log(f"stopping {what}{process.name} (pid {process.pid}, from {pid_path.name})")
+        procs.terminate([process])
+        pid_path.unlink(missing_ok=True)
+        stopped += 1
+    stopped += procs.reap(state_dir / "pids.json", log, what)
+    order = {name: index for index, name in enumerate(_STOP_ORDER)}
+    for process in sorted(running_on(state_dir), key=lambda process: order.get(process.name, -1)):
+        log(f"stopping {what}{process.name} (pid {process.pid}, not in pids.json; its command line names {state_dir})")
+        procs.terminate([process])
+        stopped += 1
+    return stopped
+
+
+def running_on(state_dir: Path) -> list[procs.ManagedProcess]:
+    """The processes whose command line names `state_dir`'s component files (what `stop_state_dir` would find)."""
+    return procs.referencing([state_dir.resolve() / entry for entry in _COMPONENT_PATHS])
 
 
 def memory_report(pidfile: Path) -> list[tuple[str, int, int | None]]:

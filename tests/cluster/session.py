@@ -19,7 +19,7 @@ from types import FrameType
 
 from tests.cluster import procs
 from tests.cluster.build import ensure_built, link_bin_dir
-from tests.cluster.controlplane import DEFAULT_STATE_DIR, ClusterHandle, LocalCluster
+from tests.cluster.controlplane import DEFAULT_STATE_DIR, ClusterHandle, LocalCluster, stop_state_dir
 
 REUSE_ENV = "TELECHAT_CLUSTER_KUBECONFIG"
 # Each session gets `.cluster/pytest-<pid>`: a session never resets a cluster brought up by hand in .cluster/ nor
@@ -58,7 +58,7 @@ def sweep_stale_sessions(parent: Path) -> int:
         owner = state_dir.name.removeprefix(SESSION_DIR_PREFIX)
         if not pidfile.exists() and owner.isdigit() and procs.process_start_time(int(owner)) is not None:
             continue  # a session that is still starting (no pidfile yet)
-        procs.reap(pidfile)
+        stop_state_dir(state_dir)
         shutil.rmtree(state_dir, ignore_errors=True)
         removed += 1
     return removed

@@ -1,4 +1,8 @@
-"""End-to-end fixtures: a fresh namespace per test (the `cluster` fixture lives in tests/conftest.py)."""
+"""End-to-end fixtures: a fresh namespace per test (the `cluster` fixture lives in tests/conftest.py).
+
+Helpers for tests live in importable modules, e.g. `tests.cluster.waiting.wait_for`: importing this conftest
+from a test module would load it a second time, under another name.
+"""
 
 from __future__ import annotations
 

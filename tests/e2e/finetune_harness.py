@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from tests.cluster.controlplane import ClusterHandle
-from tests.e2e.conftest import wait_for
+from tests.cluster.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS = REPO / "crds"

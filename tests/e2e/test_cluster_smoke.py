@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client
 
 from tests.cluster.components import COMPONENTS_BY_NAME
-from tests.cluster.controlplane import ClusterHandle
+from tests.cluster.controlplane import REPO_ROOT, ClusterHandle, running_on
 from tests.cluster.render import FAKE_NODE_ANNOTATION, NPU_RESOURCE
 from tests.cluster.waiting import wait_for
 
@@ -131,3 +134,36 @@ def test_deleting_an_owner_removes_what_it_owns(core: client.CoreV1Api, namespac
         return "owned" not in config_maps and "owned-pod" not in pods
 
     wait_for(gone, "the garbage collector to delete the owned ConfigMap and pod")
+
+
+def _cluster_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "tests.cluster", *args]
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.mark.slow  # a second control plane of its own (~5 s)
+def test_down_stops_what_up_started_even_without_pids_json(tmp_path: Path) -> None:
+    """The reported bug: `down --state-dir DIR` said "stopped 0 process(es)" and left the cluster running."""
+    state_dir = tmp_path / "state"
+    operator = None
+    try:
+        up = _cluster_cli("up", "--nodes=1", f"--state-dir={state_dir}")
+        assert up.returncode == 0, up.stderr
+        assert f"export KUBECONFIG={state_dir}/kubeconfig" in up.stdout
+        components = {process.name for process in running_on(state_dir)}
+        assert components == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"}
+        # As operator/deploy/dev-up.sh does: a background process known only by `operator.pid` beside the kubeconfig.
+        operator = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        (state_dir / "operator.pid").write_text(f"{operator.pid}\n")
+        (state_dir / "pids.json").unlink()
+
+        down = _cluster_cli("down", f"--state-dir={state_dir}")
+        assert down.returncode == 0, down.stderr
+        assert "stopped 6 process(es)" in down.stderr
+        assert running_on(state_dir) == []
+        assert operator.wait(timeout=10) is not None
+    finally:
+        _cluster_cli("down", f"--state-dir={state_dir}")
+        if operator is not None and operator.poll() is None:
+            operator.kill()
+            operator.wait()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.controlplane import ClusterHandle
-from tests.e2e.conftest import wait_for
+from tests.cluster.waiting import wait_for
 from tests.e2e.finetune_harness import Jobs, OperatorProcess, condition, install, service_account_kubeconfig
 
 

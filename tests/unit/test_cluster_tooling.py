@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.cluster import build, controlplane, pki, procs, render
+from tests.cluster.__main__ import main as cluster_main
 from tests.cluster.components import COMPONENTS_BY_NAME, Component, pinned_version
 from tests.cluster.controlplane import LocalCluster
 from tests.cluster.errors import ClusterError
@@ -355,3 +358,75 @@ def test_a_component_that_never_gets_ready_times_out(tmp_path: Path, monkeypatch
     assert "waiting forever" in str(caught.value)
     assert time.monotonic() - started < 15
     assert cluster.processes == []
+
+
+# -- `down` without a pidfile ---------------------------------------------------------------------------------
+
+
+def _sleeper(*args: str) -> list[str]:
+    """A real short-lived process whose command line carries `args` (as a component's flags would)."""
+    return [sys.executable, "-c", "import time; time.sleep(60)", *args]
+
+
+def test_down_stops_the_cluster_and_dev_operator_even_without_pids_json(tmp_path: Path) -> None:
+    state = (tmp_path / "state").resolve()
+    state.mkdir()
+    logs = tmp_path / "logs"
+    # What `up` and operator/deploy/dev-up.sh leave running; pids.json is gone (the reported bug).
+    etcd = procs.start_process("etcd", _sleeper(f"--data-dir={state}/etcd-data"), logs / "etcd.log", None, True)
+    kwok = procs.start_process(
+        "kwok", _sleeper(f"--kubeconfig={state}/kubeconfigs/kwok.kubeconfig"), logs / "kwok.log", None, True
+    )
+    # The dev operator: started with `nohup ... &` (not a process-group leader), known only through operator.pid.
+    operator = subprocess.Popen(_sleeper(), stdout=subprocess.DEVNULL)
+    (state / "operator.pid").write_text(f"{operator.pid}\n")
+    # Not this state dir's: a pytest session's cluster nested in it, a command naming the dir itself, and a pid file
+    # older than its process (a recycled pid).
+    nested = procs.start_process(
+        "nested", _sleeper(f"--data-dir={state}/pytest-1/etcd-data"), logs / "nested.log", None, True
+    )
+    naming_dir = procs.start_process("cli", _sleeper("--state-dir", str(state)), logs / "cli.log", None, True)
+    recycled = subprocess.Popen(_sleeper(), stdout=subprocess.DEVNULL)
+    (state / "stale.pid").write_text(f"{recycled.pid}\n")
+    os.utime(state / "stale.pid", (time.time() - 3600, time.time() - 3600))
+    try:
+        assert not (state / "pids.json").exists()
+        assert cluster_main(["down", "--state-dir", str(state)]) == 0
+        for process in (etcd, kwok):
+            assert process.popen is not None and process.popen.wait(timeout=5) is not None
+        assert operator.wait(timeout=5) is not None
+        assert not (state / "operator.pid").exists()
+        assert nested.alive() and naming_dir.alive() and recycled.poll() is None
+    finally:
+        procs.terminate([etcd, kwok, nested, naming_dir])
+        for popen in (operator, recycled):
+            popen.kill()
+            popen.wait()
+
+
+def test_down_with_a_pidfile_also_stops_unrecorded_leftovers(tmp_path: Path) -> None:
+    state = (tmp_path / "state").resolve()
+    state.mkdir()
+    recorded = procs.start_process("etcd", _sleeper(f"--data-dir={state}/etcd-data"), tmp_path / "a.log", None, True)
+    procs.write_pidfile(state / "pids.json", [recorded])
+    # E.g. a second `up` racing on the same dir overwrote pids.json: this one is in no pidfile.
+    orphan = procs.start_process(
+        "kube-apiserver", _sleeper(f"--tls-cert-file={state}/pki/apiserver.crt"), tmp_path / "b.log", None, True
+    )
+    try:
+        assert cluster_main(["down", "--state-dir", str(state)]) == 0
+        assert not recorded.alive() and not orphan.alive()
+        assert not (state / "pids.json").exists()
+    finally:
+        procs.terminate([recorded, orphan])
+
+
+def test_stopping_a_cluster_leaves_a_pidfile_another_run_wrote(tmp_path: Path) -> None:
+    cluster = LocalCluster(tmp_path / "state", die_with_parent=True)
+    cluster.state_dir.mkdir()
+    cluster.pidfile.write_text(json.dumps({"owner": {"pid": os.getppid()}, "processes": []}))
+    cluster.stop()
+    assert cluster.pidfile.exists()  # a second `up` on the same dir wrote it: `down` needs it to find that cluster
+    procs.write_pidfile(cluster.pidfile, [])
+    cluster.stop()
+    assert not cluster.pidfile.exists()

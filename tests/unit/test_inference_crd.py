@@ -115,3 +115,10 @@ def test_every_field_is_described() -> None:
 
     walk(schema(), "$")
     assert missing == []
+
+
+def test_status_has_no_kopf_field() -> None:
+    """kopf keeps its state in annotations (settings.persistence); a status.kopf would only invite writes."""
+    status = schema()["properties"]["status"]
+    assert "kopf" not in status["properties"]
+    assert not status.get("x-kubernetes-preserve-unknown-fields")

@@ -45,3 +45,22 @@ def test_only_k8s_py_imports_the_kubernetes_client_among_the_finetune_modules() 
     users = [m for m in finetune_modules if any(n.startswith("kubernetes") for n in imported_modules(PACKAGE / m))]
     assert users == []
     assert "kubernetes" in imported_modules(PACKAGE / "k8s.py")
+
+
+def test_only_k8s_py_talks_to_the_api_in_the_whole_package() -> None:
+    """Both kinds' controllers share one API module: no other module imports the client or k8s's private names."""
+    modules = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "k8s.py")
+    users = [str(p.relative_to(PACKAGE)) for p in modules if any(n.startswith("kubernetes") for n in imported_modules(p))]
+    assert users == []
+    private = []
+    for path in modules:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "k8s"
+                and node.attr.startswith("_")
+            ):
+                private.append(f"{path.relative_to(PACKAGE)}: k8s.{node.attr}")
+    assert private == []
+    assert not (PACKAGE / "inference_k8s.py").exists()

@@ -48,6 +48,17 @@ def test_kopf_settings_set_watch_timeouts_selectors_and_annotation_storage() -> 
     assert (peered.peering.name, peered.peering.standalone, peered.peering.mandatory) == ("telechat", False, True)
 
 
+@pytest.mark.parametrize(
+    ("namespaces", "disabled"),
+    [((), False), (["team-a"], True), (["team-a", "team-b"], True), (["team-*"], False), (["!kube-system"], False)],
+)
+def test_namespace_scoped_operator_skips_kopfs_cluster_wide_scanning(namespaces: list[str], disabled: bool) -> None:
+    """A namespaced Role cannot list namespaces or CRDs; kopf would retry that for about a minute at startup."""
+    settings = kopf.OperatorSettings()
+    configure_kopf(settings, OperatorConfig(), peering=None, namespaces=namespaces)
+    assert settings.scanning.disabled is disabled
+
+
 def test_command_line() -> None:
     args = build_parser().parse_args(["run", "-n", "a", "-n", "b", "--metrics-port", "0"])
     assert args.namespace == ["a", "b"] and args.metrics_port == 0 and args.peering is None

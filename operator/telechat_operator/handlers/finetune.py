@@ -7,6 +7,7 @@ One pass: read the job and its pods (fresh, from the API), decide (pure), then a
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +31,15 @@ logger = logging.getLogger(__name__)
 KIND = c.FINETUNE_KIND
 
 config = OperatorConfig.from_env()
+# Latency tracing for profiling (TELECHAT_OPERATOR_TRACE=1): one INFO line with the wall clock per step of a pass,
+# so a benchmark can line the operator's steps up against its own apply and Running timestamps.
+TRACE = os.environ.get("TELECHAT_OPERATOR_TRACE", "") not in ("", "0")
+
+
+def trace(key: Hashable, step: str) -> None:
+    if TRACE:
+        logger.info("trace %s %s %.6f", "/".join(key), step, time.time())  # type: ignore[arg-type]
+
 states = metrics.StateTracker(KIND)
 # Shared by all passes: concurrent API calls within one pass (the job and its pods; a group's pods).
 io_pool = ThreadPoolExecutor(max_workers=config.create_workers, thread_name_prefix="finetune-io")
@@ -50,15 +60,20 @@ def owned_by(pod: Mapping[str, Any], uid: str) -> bool:
 def reconcile_finetune(key: Hashable) -> float | None:
     """One pass for one job; returns when to look again (the work queue's requeue)."""
     namespace, name = key  # type: ignore[misc]
+    trace(key, "pass-start")
     with metrics.RECONCILE_SECONDS.labels(kind=KIND).time():
         pods = io_pool.submit(k8s.list_pods, namespace, {c.LABEL_JOB_NAME: name, c.LABEL_OWNER_KIND: KIND})
         job = k8s.get_finetune(namespace, name)
+        trace(key, "job-read")
         if job is None or job["metadata"].get("deletionTimestamp"):
             # Gone or going (owner references let the garbage collector remove the children): nothing to start.
             states.observe(key, None)
             return None
         old_status = job.get("status") or {}
-        spec, plan = decide(job, old_status, pods.result())
+        pod_bodies = pods.result()
+        trace(key, "pods-listed")
+        spec, plan = decide(job, old_status, pod_bodies)
+        trace(key, "decided")
         defer_count_only_update(key, old_status, plan)
         try:
             if apply_plan(job, spec, old_status, plan):
@@ -143,11 +158,12 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
     if patch:
         key = (meta["namespace"], meta["name"])
         own_status_writes[key] = k8s.patch_finetune_status(meta["namespace"], meta["name"], patch)
+        trace(key, "status-patched")
     count_transitions(old_status, plan.status)
     for pod_name in plan.delete_pods:
         k8s.delete_pod(meta["namespace"], pod_name)
     for event in plan.events:  # best effort and off the pass's path: the status already says it all
-        io_pool.submit(k8s.post_event, job, event.type, event.reason, event.message).add_done_callback(log_failure)
+        io_pool.submit(k8s.post_event, KIND, job, event.type, event.reason, event.message).add_done_callback(log_failure)
     if patch or plan.create_ranks or plan.create_merge or plan.delete_pods:
         logger.info(
             "%s/%s: state=%s attempt=%s created ranks %s%s, deleted %s, status %s (%.0f ms)",
@@ -176,9 +192,13 @@ def create_children(spec: FinetuneSpec, plan: Plan) -> bool:
     if plan.create_merge is not None:
         metrics.MERGES.labels(kind=KIND).inc()
         pods.append(build_merge_pod(spec, plan.create_merge))
+    key = (spec.namespace, spec.name)
+    trace(key, "pods-built")
     created = run_all([lambda pod=pod: k8s.create(pod) for pod in pods])
+    trace(key, "pods-posted")
     if plan.ensure_children:
         run_all([lambda: ensure_config_map(spec), lambda: k8s.create(build_service(spec))])
+        trace(key, "children-posted")
     ranks = len(plan.create_ranks)
     return ranks > 0 and all(result is True for result in created[:ranks])
 
@@ -215,6 +235,7 @@ queue = WorkQueue(KIND, reconcile_finetune, workers=config.reconcile_workers)
 @kopf.on.event(c.GROUP, c.VERSION, c.FINETUNE_PLURAL)
 async def finetune_changed(type: str | None, body: Mapping[str, Any], name: str, namespace: str, **_: Any) -> None:
     key = (namespace, name)
+    trace(key, f"watch-{type}")
     if type == "DELETED":
         own_status_writes.pop(key, None)
         queue.forget((namespace, name))

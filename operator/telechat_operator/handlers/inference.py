@@ -20,7 +20,6 @@ import kopf
 from telechat2.configs import ConfigError
 from telechat_operator import constants as c
 from telechat_operator import inference_constants as ic
-from telechat_operator import inference_k8s as api
 from telechat_operator import k8s, metrics
 from telechat_operator.builders.inference import (
     build_config_map,
@@ -108,13 +107,13 @@ class Stale(Exception):
 def ensure(spec: InferenceSpec, desired: dict[str, Any]) -> dict[str, Any]:
     """Apply `desired` unless the live object already carries its hash (no write when nothing changed)."""
     meta = desired["metadata"]
-    live = api.get_child(desired["kind"], meta["namespace"], meta["name"])
+    live = k8s.get_child(desired["kind"], meta["namespace"], meta["name"])
     if live is not None and not owned_by(live, spec.uid):
         labels = (live.get("metadata") or {}).get("labels") or {}
         if labels.get(c.LABEL_OWNER_KIND) != ic.INFERENCE_KIND:
             # Someone else's object: never touch it, tell the user instead.
             raise SpecError("metadata.name", f"{desired['kind']} {meta['name']} already exists and is not ours")
-        api.delete_child(desired["kind"], meta["namespace"], meta["name"])
+        k8s.delete_child(desired["kind"], meta["namespace"], meta["name"])
         raise Stale(f"{desired['kind']} {meta['name']} belonged to an older object of the same name")
     drifted = (
         desired["kind"] == "Deployment"
@@ -122,7 +121,7 @@ def ensure(spec: InferenceSpec, desired: dict[str, Any]) -> dict[str, Any]:
         and ((live.get("spec") or {}).get("replicas") != desired["spec"]["replicas"])
     )
     if live is None or drifted or _hash_of(live) != _hash_of(desired):
-        return api.apply(desired)
+        return k8s.apply(desired)
     return live
 
 
@@ -141,7 +140,7 @@ def reconcile_deployment(spec: InferenceSpec, checkpoint: ResolvedCheckpoint, co
 
 def _group_children(kind: str, spec: InferenceSpec) -> list[dict[str, Any]]:
     selector = selector_string(children_selector(spec.name)) + f",{ic.LABEL_GROUP_INDEX}"
-    return [obj for obj in api.list_children(kind, spec.namespace, selector) if owned_by(obj, spec.uid)]
+    return [obj for obj in k8s.list_children(kind, spec.namespace, selector) if owned_by(obj, spec.uid)]
 
 
 def _remove_groups(spec: InferenceSpec) -> None:
@@ -150,16 +149,16 @@ def _remove_groups(spec: InferenceSpec) -> None:
         if not pod["metadata"].get("deletionTimestamp"):
             k8s.delete_pod(spec.namespace, pod["metadata"]["name"])
     for service in _group_children("Service", spec):
-        api.delete_child("Service", spec.namespace, service["metadata"]["name"])
+        k8s.delete_child("Service", spec.namespace, service["metadata"]["name"])
 
 
 def reconcile_groups(
     spec: InferenceSpec, checkpoint: ResolvedCheckpoint, config_hash: str, events: list[Event]
 ) -> tuple[WorkloadView, int, bool]:
     """Multi-node replicas: returns the counts, the groups recreated after a failure, and whether pods terminate."""
-    deployment = api.get_child("Deployment", spec.namespace, deployment_name(spec.name))
+    deployment = k8s.get_child("Deployment", spec.namespace, deployment_name(spec.name))
     if deployment is not None and owned_by(deployment, spec.uid):
-        api.delete_child("Deployment", spec.namespace, deployment_name(spec.name))  # was single-node until now
+        k8s.delete_child("Deployment", spec.namespace, deployment_name(spec.name))  # was single-node until now
     template_hash = group_template_hash(spec, checkpoint, config_hash)
     pods = [GroupPod.from_body(pod) for pod in _group_children("Pod", spec)]
     plan = plan_groups(spec, pods, template_hash)
@@ -167,7 +166,7 @@ def reconcile_groups(
     services = {int(s["metadata"]["labels"][ic.LABEL_GROUP_INDEX]): s for s in _group_children("Service", spec)}
     for group, service in services.items():
         if group >= spec.replicas:
-            api.delete_child("Service", spec.namespace, service["metadata"]["name"])
+            k8s.delete_child("Service", spec.namespace, service["metadata"]["name"])
     for group in range(spec.replicas):
         if group not in services:
             k8s.create(build_group_service(spec, group))
@@ -201,7 +200,7 @@ def reconcile_groups(
 def reconcile_inference(key: Hashable) -> float | None:
     namespace, name = key  # type: ignore[misc]
     with metrics.RECONCILE_SECONDS.labels(kind=KIND).time():
-        body = api.get_inference(namespace, name)
+        body = k8s.get_inference(namespace, name)
         if body is None:
             states.observe(key, None)
             remember_finetune(namespace, name, None)
@@ -228,11 +227,11 @@ def reconcile_inference(key: Hashable) -> float | None:
             requeue = TEARDOWN_POLL_SECONDS
         patch = status_patch(old, new)
         if patch:
-            api.patch_inference_status(namespace, name, patch)
+            k8s.patch_inference_status(namespace, name, patch)
         if restarts:
             metrics.RESTARTS.labels(kind=KIND).inc(restarts)
         for event in [*transition_events(old, new), *events]:
-            api.post_event(body, event.type, event.reason, event.message)
+            k8s.post_event(KIND, body, event.type, event.reason, event.message)
         states.observe(key, _state(new))
     return requeue
 
