@@ -46,12 +46,21 @@ def crds_installed(cluster: ClusterHandle) -> None:
     cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
 
 
+@pytest.fixture(scope="module")
+def chart_crd_folder_installed(cluster: ClusterHandle) -> None:
+    """What `helm install` does before rendering: the chart's crds/ folder (kopf's peering CRDs) is applied first."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(OPERATOR_CHART / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev", "--timeout=60s")
+
+
 @pytest.mark.parametrize(
     "values",
     [[], ["-f", str(OPERATOR_CHART / "ci" / "namespace-scope-values.yaml")], ["--set", "peering.enabled=true"]],
     ids=["cluster-scope", "namespace-scope", "peering"],
 )
-def test_operator_chart_is_accepted_by_the_apiserver(cluster: ClusterHandle, namespace: str, values: list[str]) -> None:
+def test_operator_chart_is_accepted_by_the_apiserver(
+    cluster: ClusterHandle, namespace: str, chart_crd_folder_installed: None, values: list[str]
+) -> None:
     manifests = helm(cluster, "template", "tco", str(OPERATOR_CHART), "--namespace", namespace, *values).stdout
     kinds = {doc["kind"] for doc in yaml.safe_load_all(manifests) if doc}
     assert {"ServiceAccount", "Deployment"} <= kinds

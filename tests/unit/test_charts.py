@@ -473,3 +473,26 @@ def test_inference_preflight_names_the_problem(helm: Path, args: list[str], name
 def test_release_name_that_is_not_a_dns_label_is_rejected(helm: Path) -> None:
     result = run_helm(helm, "template", "TC-7b", str(INFERENCE_CHART), *MINIMAL_INFERENCE)
     assert result.returncode != 0
+
+
+def test_peering_ships_kopfs_crds_and_creates_the_peering_object_for_the_scope(helm: Path) -> None:
+    peering_crds = list(yaml.safe_load_all((OPERATOR_CHART / "crds" / "kopf-peering.yaml").read_text()))
+    assert {(c["spec"]["group"], c["spec"]["names"]["kind"], c["spec"]["scope"]) for c in peering_crds} == {
+        ("kopf.dev", "ClusterKopfPeering", "Cluster"),
+        ("kopf.dev", "KopfPeering", "Namespaced"),
+    }
+    assert not by_kind(render(helm, OPERATOR_CHART), "ClusterKopfPeering")
+
+    cluster = one(render(helm, OPERATOR_CHART, "--set", "peering.enabled=true"), "ClusterKopfPeering")
+    assert cluster["apiVersion"] == "kopf.dev/v1"
+    assert cluster["metadata"]["name"] == "telechat-operator"
+    assert "namespace" not in cluster["metadata"]
+
+    docs = render(
+        helm, OPERATOR_CHART, "--set", "peering.enabled=true", "--set", "scope=namespace", "--set", "watchNamespace=llm"
+    )
+    assert not by_kind(docs, "ClusterKopfPeering")
+    namespaced = one(docs, "KopfPeering")
+    assert namespaced["metadata"]["namespace"] == "llm"
+    args = operator_container(docs)["args"]
+    assert "--peering=telechat-operator" in args

@@ -152,6 +152,25 @@ def test_pod_count_only_status_updates_are_batched() -> None:
     assert first.status["pods"] == {"pending": 1, "running": 1}
 
 
+def test_only_the_exact_echo_of_our_status_write_is_skipped() -> None:
+    """The echo often arrives before the PATCH returns; anything else about the job must still trigger a pass."""
+    from telechat_operator.handlers import finetune
+
+    key = ("ns", "echo")
+    status = {"state": "Pending", "attempt": 1, "pods": {"pending": 2}}
+    finetune.own_status_writes[key] = (3, finetune.json_copy(status))
+    try:
+        body = {"metadata": {"generation": 3, "resourceVersion": "9"}, "status": status}
+        assert finetune.is_own_echo(key, body)
+        assert not finetune.is_own_echo(key, {**body, "metadata": {"generation": 4}})  # spec changed
+        assert not finetune.is_own_echo(key, {**body, "status": {**status, "state": "Running"}})
+        deleting = {"metadata": {"generation": 3, "deletionTimestamp": "2026-01-01T00:00:00Z"}, "status": status}
+        assert not finetune.is_own_echo(key, deleting)
+        assert not finetune.is_own_echo(("ns", "other"), body)
+    finally:
+        finetune.own_status_writes.pop(key, None)
+
+
 def test_no_change_detecting_handlers_so_kopf_may_skip_its_diff_base() -> None:
     """settings.NoDiffBaseStorage is only correct while every registered handler is level-triggered."""
     from telechat_operator.handlers import register_all

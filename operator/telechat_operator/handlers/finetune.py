@@ -6,6 +6,7 @@ One pass: read the job and its pods (fresh, from the API), decide (pure), then a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -114,8 +115,20 @@ def job_going(err: k8s.ApiError, namespace: str, name: str) -> bool:
     return err.status == 403 and "being terminated" in err.message
 
 
-# resourceVersion of each job's last status write by this operator: its watch event echoes state we already hold.
-own_status_writes: dict[Hashable, str] = {}
+# What each job looks like after this operator's last status write: (generation, status). A watch event carrying
+# exactly that is the echo of our own write, and the pass that wrote it already acted on that state. Recorded
+# *before* the PATCH is sent: the watch often delivers the echo before the PATCH's response arrives.
+own_status_writes: dict[Hashable, tuple[int, dict[str, Any]]] = {}
+
+
+def is_own_echo(key: Hashable, body: Mapping[str, Any]) -> bool:
+    """True for a job event that only echoes our last status write (the decisions read spec, status, deletion
+    and the pods, never the job's labels or annotations)."""
+    written = own_status_writes.get(key)
+    meta = body.get("metadata") or {}
+    if written is None or meta.get("deletionTimestamp"):
+        return False
+    return written == (int(meta.get("generation", 0)), body.get("status") or {})
 # When each job's status was last written: pod-count-only updates are batched (see defer_count_only_update).
 last_status_write: dict[Hashable, float] = {}
 
@@ -157,7 +170,12 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
     patch = status_patch(old_status, plan.status)
     if patch:
         key = (meta["namespace"], meta["name"])
-        own_status_writes[key] = k8s.patch_finetune_status(meta["namespace"], meta["name"], patch)
+        own_status_writes[key] = (int(meta.get("generation", 0)), json_copy(plan.status))
+        try:
+            k8s.patch_finetune_status(meta["namespace"], meta["name"], patch)
+        except Exception:
+            own_status_writes.pop(key, None)  # not written: an event with this status is not our echo
+            raise
         trace(key, "status-patched")
     count_transitions(old_status, plan.status)
     for pod_name in plan.delete_pods:
@@ -178,6 +196,11 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
             1000 * (time.monotonic() - started),
         )
     return bool(patch)
+
+
+def json_copy(value: Mapping[str, Any]) -> dict[str, Any]:
+    """The status as the API returns it (plain JSON types), to compare with watch events."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def create_children(spec: FinetuneSpec, plan: Plan) -> bool:
@@ -242,7 +265,7 @@ async def finetune_changed(type: str | None, body: Mapping[str, Any], name: str,
         last_status_write.pop((namespace, name), None)
         states.observe((namespace, name), None)
         return
-    if own_status_writes.get(key) == body["metadata"].get("resourceVersion"):
+    if is_own_echo(key, body):
         return  # the echo of our own status write: the pass that wrote it already acted on that state
     queue.trigger(key)
 
