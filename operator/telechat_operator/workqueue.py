@@ -3,14 +3,18 @@
 Watch events only *trigger* a key; the reconcile itself reads fresh state. At most one reconcile per key runs at
 a time; triggers arriving meanwhile collapse into one more pass, so 64 pod events in a burst cost a handful of
 passes, not 64. A pass returns an optional "look again in N seconds" (backoff, deadlines, TTL); one that raises
-is retried with exponential delay. Reconcile functions are synchronous and run in worker threads.
+is retried with exponential delay. Reconcile functions are synchronous and run in the queue's own worker threads:
+asyncio's default executor has min(32, CPUs + 4) threads (6 on a 2-CPU node) shared with everything else, which
+silently capped `workers` and left new jobs waiting for a thread behind other jobs' passes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
 
 from telechat_operator import metrics
 
@@ -24,6 +28,7 @@ class WorkQueue:
         self.name = name
         self._reconcile = reconcile
         self._workers = asyncio.Semaphore(workers)
+        self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"reconcile-{name}")
         self._max_error_delay = max_error_delay
         self._running: set[Hashable] = set()
         self._dirty: set[Hashable] = set()
@@ -68,7 +73,9 @@ class WorkQueue:
                 requeue: float | None = None
                 async with self._workers:
                     try:
-                        requeue = await asyncio.to_thread(self._reconcile, key)
+                        context = contextvars.copy_context()  # as asyncio.to_thread does
+                        loop = asyncio.get_running_loop()
+                        requeue = await loop.run_in_executor(self._threads, context.run, self._reconcile, key)
                         self._errors.pop(key, None)
                     except Exception as err:
                         metrics.RECONCILE_ERRORS.labels(kind=self.name).inc()

@@ -110,6 +110,25 @@ def test_work_queue_coalesces_bursts_and_serialises_each_key() -> None:
     assert calls.count("b") == 1
 
 
+def test_work_queue_runs_as_many_passes_at_once_as_it_has_workers() -> None:
+    """Not capped by asyncio's default executor (min(32, CPUs + 4) threads, 6 on the 2-CPU CI machine)."""
+    workers = 12
+    barrier = threading.Barrier(workers, timeout=5)
+
+    def reconcile(key: Hashable) -> float | None:
+        barrier.wait()  # breaks (raises) unless `workers` passes run at the same time
+        return None
+
+    async def scenario() -> None:
+        queue = WorkQueue("wide", reconcile, workers=workers)
+        for index in range(workers):
+            queue.trigger(index)
+        await queue.drain()
+
+    asyncio.run(scenario())
+    assert not barrier.broken
+
+
 def test_work_queue_requeues_and_retries_errors() -> None:
     times: list[float] = []
 

@@ -41,6 +41,7 @@ def trace(key: Hashable, step: str) -> None:
     if TRACE:
         logger.info("trace %s %s %.6f", "/".join(key), step, time.time())  # type: ignore[arg-type]
 
+
 states = metrics.StateTracker(KIND)
 # Shared by all passes: concurrent API calls within one pass (the job and its pods; a group's pods).
 io_pool = ThreadPoolExecutor(max_workers=config.create_workers, thread_name_prefix="finetune-io")
@@ -129,6 +130,8 @@ def is_own_echo(key: Hashable, body: Mapping[str, Any]) -> bool:
     if written is None or meta.get("deletionTimestamp"):
         return False
     return written == (int(meta.get("generation", 0)), body.get("status") or {})
+
+
 # When each job's status was last written: pod-count-only updates are batched (see defer_count_only_update).
 last_status_write: dict[Hashable, float] = {}
 
@@ -181,7 +184,8 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
     for pod_name in plan.delete_pods:
         k8s.delete_pod(meta["namespace"], pod_name)
     for event in plan.events:  # best effort and off the pass's path: the status already says it all
-        io_pool.submit(k8s.post_event, KIND, job, event.type, event.reason, event.message).add_done_callback(log_failure)
+        posted = io_pool.submit(k8s.post_event, KIND, job, event.type, event.reason, event.message)
+        posted.add_done_callback(log_failure)
     if patch or plan.create_ranks or plan.create_merge or plan.delete_pods:
         logger.info(
             "%s/%s: state=%s attempt=%s created ranks %s%s, deleted %s, status %s (%.0f ms)",
