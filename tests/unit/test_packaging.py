@@ -21,7 +21,13 @@ def test_operator_folder_is_not_a_package() -> None:
 def test_importing_operator_from_the_repo_root_gives_the_standard_library() -> None:
     # Run from the repository root, where a package named `operator` would win over the standard library.
     result = subprocess.run(
-        [sys.executable, "-c", "import operator, sys; print(operator.__file__); print(operator.itemgetter)"],
+        [
+            sys.executable,
+            "-c",
+            # The interpreter imports `operator` while starting up: forget it, put the repo first, import it again.
+            "import sys; sys.modules.pop('operator', None); sys.path.insert(0, '.'); import operator; "
+            "print(operator.__file__)",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
