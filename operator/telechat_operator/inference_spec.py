@@ -14,7 +14,17 @@ from typing import Any
 
 from telechat_operator import constants as c
 from telechat_operator import inference_constants as ic
-from telechat_operator.spec import SpecError, validate_name
+from telechat_operator.spec_common import (
+    SpecError,
+    known_model_defaults,
+    optional_int,
+    owner_reference,
+    require_int,
+    require_str,
+    resources_without_npus,
+    validate_name,
+)
+from telechat_operator.spec_common import merge_env as _merge_env
 
 BACKEND_TELECHAT2 = "telechat2"
 BACKEND_MINDIE = "mindie"
@@ -37,16 +47,8 @@ ServingDefaultsLookup = Callable[[str], ServingDefaults]
 
 def load_serving_defaults(model: str) -> ServingDefaults:
     """Read a model's serving defaults from the bundled configs (lazy import: pure Python, no MindSpore)."""
-    from telechat2 import configs
-
-    if model not in configs.list_models():
-        raise SpecError("spec.model", f"unknown model {model!r}; known: {', '.join(configs.list_models())}")
-    raw = configs.model_defaults(model)
-    return ServingDefaults(
-        predict_devices=int(raw.predict_devices),
-        seq_length=int(raw.seq_length),
-        env={str(k): str(v) for k, v in (raw.env or {}).items()},
-    )
+    raw, env = known_model_defaults(model)
+    return ServingDefaults(predict_devices=int(raw.predict_devices), seq_length=int(raw.seq_length), env=env)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,14 +104,7 @@ class InferenceSpec:
         return self.seq_length > self.trained_seq_length
 
     def owner_reference(self) -> dict[str, Any]:
-        return {
-            "apiVersion": c.API_VERSION,
-            "kind": ic.INFERENCE_KIND,
-            "name": self.name,
-            "uid": self.uid,
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }
+        return owner_reference(ic.INFERENCE_KIND, self.name, self.uid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,35 +140,8 @@ def resolve_path_checkpoint(spec: InferenceSpec) -> ResolvedCheckpoint:
 
 
 def merge_env(defaults: Mapping[str, str], user: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
-    """Model defaults first, user entries override by name (upsert, never a duplicate name)."""
-    merged: dict[str, dict[str, Any]] = {name: {"name": name, "value": str(value)} for name, value in defaults.items()}
-    for index, entry in enumerate(user):
-        name = entry.get("name")
-        if not isinstance(name, str) or not name:
-            raise SpecError(f"spec.env[{index}].name", "is required")
-        if name in ic.INFERENCE_RESERVED_ENV_NAMES:
-            raise SpecError(f"spec.env[{index}].name", f"{name} is reserved (set by the operator or msrun)")
-        merged.pop(name, None)
-        merged[name] = dict(entry)
-    return tuple(merged.values())
-
-
-def _int(value: Any, field: str, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(field, f"must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise SpecError(field, f"must be at least {minimum}, got {value}")
-    return value
-
-
-def _opt_int(value: Any, field: str, *, minimum: int | None = None) -> int | None:
-    return None if value is None else _int(value, field, minimum=minimum)
-
-
-def _str(value: Any, field: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise SpecError(field, "must be a non-empty string")
-    return value
+    """Model defaults first, user entries override by name; the serving contract's names are reserved."""
+    return _merge_env(defaults, user, reserved=ic.INFERENCE_RESERVED_ENV_NAMES)
 
 
 def _validate_name(name: str) -> None:
@@ -216,22 +184,22 @@ def parse_inference(body: Mapping[str, Any], lookup: ServingDefaultsLookup = loa
     """Resolve a TeleChatInference body into an InferenceSpec, or raise SpecError naming the field."""
     meta = body.get("metadata") or {}
     spec = body.get("spec") or {}
-    name = _str(meta.get("name"), "metadata.name")
+    name = require_str(meta.get("name"), "metadata.name")
     _validate_name(name)
-    model = _str(spec.get("model"), "spec.model")
+    model = require_str(spec.get("model"), "spec.model")
     defaults = lookup(model)
 
-    devices = _int(spec.get("devicesPerReplica", defaults.predict_devices), "spec.devicesPerReplica")
+    devices = require_int(spec.get("devicesPerReplica", defaults.predict_devices), "spec.devicesPerReplica")
     if devices not in c.ALLOWED_DEVICES_PER_NODE:
         raise SpecError("spec.devicesPerReplica", f"must be one of {list(c.ALLOWED_DEVICES_PER_NODE)}, got {devices}")
-    nodes = _int(spec.get("nodesPerReplica", 1), "spec.nodesPerReplica", minimum=1)
+    nodes = require_int(spec.get("nodesPerReplica", 1), "spec.nodesPerReplica", minimum=1)
 
-    seq_length = _opt_int(spec.get("seqLength"), "spec.seqLength", minimum=16) or defaults.seq_length
-    max_seq_len = _opt_int(spec.get("maxSeqLen"), "spec.maxSeqLen", minimum=2) or seq_length
+    seq_length = optional_int(spec.get("seqLength"), "spec.seqLength", minimum=16) or defaults.seq_length
+    max_seq_len = optional_int(spec.get("maxSeqLen"), "spec.maxSeqLen", minimum=2) or seq_length
     if max_seq_len > seq_length:
         field = "spec.seqLength" if "seqLength" in spec else f"the model's trained length ({seq_length})"
         raise SpecError("spec.maxSeqLen", f"{max_seq_len} must not exceed {field}: set spec.seqLength to serve longer")
-    max_input = _opt_int(spec.get("maxInputTokenLen"), "spec.maxInputTokenLen", minimum=1) or max(
+    max_input = optional_int(spec.get("maxInputTokenLen"), "spec.maxInputTokenLen", minimum=1) or max(
         1, int(max_seq_len * ic.DEFAULT_INPUT_FRACTION)
     )
     if max_input >= max_seq_len:
@@ -247,37 +215,32 @@ def parse_inference(body: Mapping[str, Any], lookup: ServingDefaultsLookup = loa
     service_type = service.get("type", "ClusterIP")
     if service_type not in SERVICE_TYPES:
         raise SpecError("spec.service.type", f"must be one of {list(SERVICE_TYPES)}, got {service_type!r}")
-    port = _int(spec.get("port", ic.DEFAULT_PORT), "spec.port", minimum=1)
+    port = require_int(spec.get("port", ic.DEFAULT_PORT), "spec.port", minimum=1)
     if nodes > 1 and port == ic.GROUP_MASTER_PORT:
         raise SpecError("spec.port", f"{port} is msrun's master port in multi-node groups; choose another")
 
     api_key = spec.get("apiKeySecretRef") or {}
-    resources = dict(spec.get("resources") or {})
-    for section in ("requests", "limits"):
-        if c.ASCEND_RESOURCE in (resources.get(section) or {}):
-            raise SpecError(
-                f"spec.resources.{section}", f"must not set {c.ASCEND_RESOURCE}; use spec.devicesPerReplica"
-            )
+    resources = resources_without_npus(spec.get("resources"), devices_field="spec.devicesPerReplica")
     checkpoint_path, from_finetune = _checkpoint(spec.get("checkpoint") or {})
     volumes, mounts = _volumes(spec)
 
     return InferenceSpec(
         name=name,
-        namespace=_str(meta.get("namespace"), "metadata.namespace"),
+        namespace=require_str(meta.get("namespace"), "metadata.namespace"),
         uid=str(meta.get("uid", "")),
         generation=int(meta.get("generation", 1)),
         model=model,
-        image=_str(spec.get("image"), "spec.image"),
+        image=require_str(spec.get("image"), "spec.image"),
         image_pull_policy=spec.get("imagePullPolicy") or None,
         checkpoint_path=checkpoint_path,
         from_finetune=from_finetune,
         vocab_file=spec.get("vocabFile") or None,
-        replicas=_int(spec.get("replicas", 1), "spec.replicas", minimum=0),
+        replicas=require_int(spec.get("replicas", 1), "spec.replicas", minimum=0),
         devices_per_replica=devices,
         nodes_per_replica=nodes,
         max_seq_len=max_seq_len,
         max_input_token_len=max_input,
-        npu_mem_size=_int(spec.get("npuMemSize", 8), "spec.npuMemSize", minimum=-1),
+        npu_mem_size=require_int(spec.get("npuMemSize", 8), "spec.npuMemSize", minimum=-1),
         seq_length=seq_length,
         trained_seq_length=defaults.seq_length,
         port=port,

@@ -8,22 +8,23 @@ that omits `parallel` on a node count the model's default layout does not fit). 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from telechat_operator import constants as c
+from telechat_operator.spec_common import (
+    SpecError,
+    known_model_defaults,
+    optional_int,
+    owner_reference,
+    require_int,
+    require_str,
+    resources_without_npus,
+    validate_name,
+)
+from telechat_operator.spec_common import merge_env as _merge_env
 
-_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-
-
-class SpecError(ValueError):
-    """A spec the operator cannot run; `field` is the JSON path users see in `kubectl explain`."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+__all__ = ["FinetuneSpec", "ModelDefaults", "SpecError", "load_model_defaults", "merge_env", "parse", "validate_name"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,16 +42,12 @@ DefaultsLookup = Callable[[str], ModelDefaults]
 
 def load_model_defaults(model: str) -> ModelDefaults:
     """Read a model's defaults from the bundled configs (imported lazily: pure Python, no MindSpore)."""
-    from telechat2 import configs
-
-    if model not in configs.list_models():
-        raise SpecError("spec.model", f"unknown model {model!r}; known: {', '.join(configs.list_models())}")
-    raw = configs.model_defaults(model)
+    raw, env = known_model_defaults(model)
     return ModelDefaults(
         nodes=int(raw.nodes),
         devices_per_node=int(raw.devices_per_node),
         parallel=dict(raw.parallel),
-        env={str(k): str(v) for k, v in raw.env.items()},
+        env=env,
     )
 
 
@@ -145,46 +142,7 @@ class FinetuneSpec:
         return self.scheduler_name == c.VOLCANO_SCHEDULER
 
     def owner_reference(self) -> dict[str, Any]:
-        return {
-            "apiVersion": c.API_VERSION,
-            "kind": c.FINETUNE_KIND,
-            "name": self.name,
-            "uid": self.uid,
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }
-
-
-def _int(value: Any, field: str, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(field, f"must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise SpecError(field, f"must be at least {minimum}, got {value}")
-    return value
-
-
-def _opt_int(value: Any, field: str, *, minimum: int | None = None) -> int | None:
-    return None if value is None else _int(value, field, minimum=minimum)
-
-
-def _str(value: Any, field: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise SpecError(field, "must be a non-empty string")
-    return value
-
-
-def validate_name(name: str, nodes: int) -> None:
-    """Pod host names `<name>-rank-<nodes-1>` must be DNS labels (the CRD's CEL rule says the same)."""
-    if not _DNS_LABEL.match(name):
-        raise SpecError(
-            "metadata.name", "must be a DNS label: lower-case letters, digits and '-', starting with a letter"
-        )
-    host = f"{name}{c.RANK_HOST_INFIX}{nodes - 1}"
-    if len(host) > c.DNS_LABEL_MAX:
-        raise SpecError(
-            "metadata.name",
-            f"too long: pod host name {host!r} would be {len(host)} characters (max {c.DNS_LABEL_MAX})",
-        )
+        return owner_reference(c.FINETUNE_KIND, self.name, self.uid)
 
 
 def _parallel(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Parallel:
@@ -193,12 +151,18 @@ def _parallel(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Parallel:
 
     try:
         return Parallel(
-            data_parallel=_int(pick("dataParallel", "data_parallel"), "spec.parallel.dataParallel", minimum=1),
-            model_parallel=_int(pick("modelParallel", "model_parallel"), "spec.parallel.modelParallel", minimum=1),
-            pipeline_stage=_int(pick("pipelineStage", "pipeline_stage"), "spec.parallel.pipelineStage", minimum=1),
-            micro_batch_num=_int(pick("microBatchNum", "micro_batch_num"), "spec.parallel.microBatchNum", minimum=1),
+            data_parallel=require_int(pick("dataParallel", "data_parallel"), "spec.parallel.dataParallel", minimum=1),
+            model_parallel=require_int(
+                pick("modelParallel", "model_parallel"), "spec.parallel.modelParallel", minimum=1
+            ),
+            pipeline_stage=require_int(
+                pick("pipelineStage", "pipeline_stage"), "spec.parallel.pipelineStage", minimum=1
+            ),
+            micro_batch_num=require_int(
+                pick("microBatchNum", "micro_batch_num"), "spec.parallel.microBatchNum", minimum=1
+            ),
             vocab_emb_dp=bool(pick("vocabEmbDp", "vocab_emb_dp")),
-            gradient_aggregation_group=_int(
+            gradient_aggregation_group=require_int(
                 pick("gradientAggregationGroup", "gradient_aggregation_group") or 1,
                 "spec.parallel.gradientAggregationGroup",
                 minimum=1,
@@ -212,33 +176,24 @@ def _parallel(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Parallel:
 
 
 def merge_env(defaults: Mapping[str, str], user: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
-    """Model defaults first, user entries override by name (upsert, never a duplicate name)."""
-    merged: dict[str, dict[str, Any]] = {name: {"name": name, "value": str(value)} for name, value in defaults.items()}
-    for index, entry in enumerate(user):
-        name = entry.get("name")
-        if not isinstance(name, str) or not name:
-            raise SpecError(f"spec.env[{index}].name", "is required")
-        if name in c.RESERVED_ENV_NAMES:
-            raise SpecError(f"spec.env[{index}].name", f"{name} is reserved (set by the operator or msrun)")
-        merged.pop(name, None)  # user entries keep their own order, after the defaults
-        merged[name] = dict(entry)
-    return tuple(merged.values())
+    """Model defaults first, user entries override by name; the launch contract's names are reserved."""
+    return _merge_env(defaults, user, reserved=c.RESERVED_ENV_NAMES)
 
 
 def parse(body: Mapping[str, Any], lookup: DefaultsLookup = load_model_defaults) -> FinetuneSpec:
     """Resolve a TeleChatFinetune body into a FinetuneSpec, or raise SpecError naming the field."""
     meta = body.get("metadata") or {}
     spec = body.get("spec") or {}
-    model = _str(spec.get("model"), "spec.model")
+    model = require_str(spec.get("model"), "spec.model")
     defaults = lookup(model)
 
-    nodes = _int(spec.get("nodes", defaults.nodes), "spec.nodes", minimum=1)
+    nodes = require_int(spec.get("nodes", defaults.nodes), "spec.nodes", minimum=1)
     if nodes > c.MAX_NODES:
         raise SpecError("spec.nodes", f"must be at most {c.MAX_NODES}, got {nodes}")
-    devices = _int(spec.get("devicesPerNode", defaults.devices_per_node), "spec.devicesPerNode")
+    devices = require_int(spec.get("devicesPerNode", defaults.devices_per_node), "spec.devicesPerNode")
     if devices not in c.ALLOWED_DEVICES_PER_NODE:
         raise SpecError("spec.devicesPerNode", f"must be one of {list(c.ALLOWED_DEVICES_PER_NODE)}, got {devices}")
-    name = _str(meta.get("name"), "metadata.name")
+    name = require_str(meta.get("name"), "metadata.name")
     validate_name(name, nodes)
 
     parallel = _parallel(spec.get("parallel") or {}, defaults.parallel)
@@ -257,52 +212,49 @@ def parse(body: Mapping[str, Any], lookup: DefaultsLookup = load_model_defaults)
 
     training_raw = spec.get("training") or {}
     training = Training(
-        epochs=_opt_int(training_raw.get("epochs"), "spec.training.epochs", minimum=1),
+        epochs=optional_int(training_raw.get("epochs"), "spec.training.epochs", minimum=1),
         learning_rate=None if training_raw.get("learningRate") is None else float(training_raw["learningRate"]),
-        seq_length=_opt_int(training_raw.get("seqLength"), "spec.training.seqLength", minimum=1),
-        batch_size=_opt_int(training_raw.get("batchSize"), "spec.training.batchSize", minimum=1),
-        save_steps=_opt_int(training_raw.get("saveSteps"), "spec.training.saveSteps", minimum=1),
+        seq_length=optional_int(training_raw.get("seqLength"), "spec.training.seqLength", minimum=1),
+        batch_size=optional_int(training_raw.get("batchSize"), "spec.training.batchSize", minimum=1),
+        save_steps=optional_int(training_raw.get("saveSteps"), "spec.training.saveSteps", minimum=1),
     )
     policy_raw = spec.get("runPolicy") or {}
     restart_policy = policy_raw.get("restartPolicy", c.RESTART_POLICY_EXIT_CODE)
     if restart_policy not in c.RESTART_POLICIES:
         raise SpecError("spec.runPolicy.restartPolicy", f"must be one of {list(c.RESTART_POLICIES)}")
     run_policy = RunPolicy(
-        backoff_limit=_int(
+        backoff_limit=require_int(
             policy_raw.get("backoffLimit", c.DEFAULT_BACKOFF_LIMIT), "spec.runPolicy.backoffLimit", minimum=0
         ),
         restart_policy=restart_policy,
-        active_deadline_seconds=_opt_int(
+        active_deadline_seconds=optional_int(
             policy_raw.get("activeDeadlineSeconds"), "spec.runPolicy.activeDeadlineSeconds", minimum=1
         ),
-        ttl_seconds_after_finished=_opt_int(
+        ttl_seconds_after_finished=optional_int(
             policy_raw.get("ttlSecondsAfterFinished"), "spec.runPolicy.ttlSecondsAfterFinished", minimum=0
         ),
         suspend=bool(policy_raw.get("suspend", False)),
     )
     launcher = spec.get("launcher") or {}
     merge = spec.get("merge") or {}
-    resources = dict(spec.get("resources") or {})
-    for section in ("requests", "limits"):
-        if c.ASCEND_RESOURCE in (resources.get(section) or {}):
-            raise SpecError(f"spec.resources.{section}", f"must not set {c.ASCEND_RESOURCE}; use spec.devicesPerNode")
+    resources = resources_without_npus(spec.get("resources"), devices_field="spec.devicesPerNode")
 
     return FinetuneSpec(
         name=name,
-        namespace=_str(meta.get("namespace"), "metadata.namespace"),
+        namespace=require_str(meta.get("namespace"), "metadata.namespace"),
         uid=str(meta.get("uid", "")),
         generation=int(meta.get("generation", 1)),
         model=model,
-        image=_str(spec.get("image"), "spec.image"),
+        image=require_str(spec.get("image"), "spec.image"),
         image_pull_policy=spec.get("imagePullPolicy"),
         image_pull_secrets=tuple(spec.get("imagePullSecrets") or ()),
         service_account_name=spec.get("serviceAccountName"),
         nodes=nodes,
         devices_per_node=devices,
         parallel=parallel,
-        dataset_path=_str((spec.get("dataset") or {}).get("path"), "spec.dataset.path"),
+        dataset_path=require_str((spec.get("dataset") or {}).get("path"), "spec.dataset.path"),
         load_checkpoint=(spec.get("checkpoint") or {}).get("load") or None,
-        output_path=_str((spec.get("output") or {}).get("path"), "spec.output.path").rstrip("/") or "/",
+        output_path=require_str((spec.get("output") or {}).get("path"), "spec.output.path").rstrip("/") or "/",
         training=training,
         env=merge_env(defaults.env, list(spec.get("env") or [])),
         volumes=tuple(spec.get("volumes") or ()),
@@ -313,8 +265,10 @@ def parse(body: Mapping[str, Any], lookup: DefaultsLookup = load_model_defaults)
         affinity=spec.get("affinity") or None,
         priority_class_name=spec.get("priorityClassName") or None,
         scheduler_name=spec.get("schedulerName") or None,
-        master_port=_int(launcher.get("masterPort", c.DEFAULT_MASTER_PORT), "spec.launcher.masterPort", minimum=1),
-        cluster_timeout=_int(
+        master_port=require_int(
+            launcher.get("masterPort", c.DEFAULT_MASTER_PORT), "spec.launcher.masterPort", minimum=1
+        ),
+        cluster_timeout=require_int(
             launcher.get("clusterTimeout", c.DEFAULT_CLUSTER_TIMEOUT), "spec.launcher.clusterTimeout", minimum=1
         ),
         run_policy=run_policy,

@@ -1,7 +1,8 @@
-"""Metadata shared by every child object."""
+"""Pieces shared by the children of both kinds: finetune metadata, and what every NPU pod mounts and requests."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from telechat_operator import constants as c
@@ -24,3 +25,47 @@ def metadata(spec: FinetuneSpec, name: str, **extra_labels: str) -> dict[str, An
         "labels": {**job_labels(spec), **extra_labels},
         "ownerReferences": [spec.owner_reference()],
     }
+
+
+def npu_pod_volumes(config_map_name: str) -> list[dict[str, Any]]:
+    """The rendered configs, shared memory and the host's Ascend driver: every NPU pod (rank or server) needs them."""
+    return [
+        {"name": c.CONFIG_VOLUME, "configMap": {"name": config_map_name}},
+        {"name": c.SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
+        *({"name": vol, "hostPath": {"path": path, "type": kind}} for vol, path, kind in c.ASCEND_DRIVER_MOUNTS),
+    ]
+
+
+def npu_volume_mounts() -> list[dict[str, Any]]:
+    """Where the NPU container mounts `npu_pod_volumes` (configs and driver read-only)."""
+    return [
+        {"name": c.CONFIG_VOLUME, "mountPath": c.CONFIG_MOUNT_DIR, "readOnly": True},
+        {"name": c.SHM_VOLUME, "mountPath": c.SHM_MOUNT_PATH},
+        *({"name": vol, "mountPath": path, "readOnly": True} for vol, path, _ in c.ASCEND_DRIVER_MOUNTS),
+    ]
+
+
+def ascend_resources(resources: Mapping[str, Any], npus: int) -> dict[str, Any]:
+    """The user's resources with the NPU count set in requests and limits (the spec parsers forbid setting it)."""
+    requests = {**(resources.get("requests") or {}), c.ASCEND_RESOURCE: str(npus)}
+    limits = {**(resources.get("limits") or {}), c.ASCEND_RESOURCE: str(npus)}
+    return {**resources, "requests": requests, "limits": limits}
+
+
+def placement_fields(
+    node_selector: Mapping[str, str],
+    tolerations: tuple[dict[str, Any], ...],
+    affinity: dict[str, Any] | None,
+    priority_class_name: str | None,
+) -> dict[str, Any]:
+    """The user's scheduling fields for a pod spec, only those set (an empty field would show up as a diff)."""
+    fields: dict[str, Any] = {}
+    if node_selector:
+        fields["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        fields["tolerations"] = [dict(t) for t in tolerations]
+    if affinity:
+        fields["affinity"] = affinity
+    if priority_class_name:
+        fields["priorityClassName"] = priority_class_name
+    return fields

@@ -14,6 +14,12 @@ from typing import Any
 
 from telechat_operator import constants as c
 from telechat_operator import inference_constants as ic
+from telechat_operator.builders.common import (
+    ascend_resources,
+    npu_pod_volumes,
+    npu_volume_mounts,
+    placement_fields,
+)
 from telechat_operator.inference_spec import (
     BACKEND_MINDIE,
     InferenceSpec,
@@ -308,13 +314,6 @@ def container_env(spec: InferenceSpec, contract: Mapping[str, str]) -> list[dict
     return env
 
 
-def _ascend_resources(spec: InferenceSpec) -> dict[str, Any]:
-    npus = str(spec.devices_per_replica)
-    requests = {**(spec.resources.get("requests") or {}), c.ASCEND_RESOURCE: npus}
-    limits = {**(spec.resources.get("limits") or {}), c.ASCEND_RESOURCE: npus}
-    return {**spec.resources, "requests": requests, "limits": limits}
-
-
 def health_probes(spec: InferenceSpec) -> dict[str, Any]:
     """Startup waits for the model to load; liveness restarts a hung server; readiness gates the Service."""
 
@@ -345,9 +344,7 @@ def server_container(
     serves_http: bool,
 ) -> dict[str, Any]:
     mounts: list[dict[str, Any]] = [
-        {"name": c.CONFIG_VOLUME, "mountPath": c.CONFIG_MOUNT_DIR, "readOnly": True},
-        {"name": c.SHM_VOLUME, "mountPath": c.SHM_MOUNT_PATH},
-        *({"name": vol, "mountPath": path, "readOnly": True} for vol, path, _ in c.ASCEND_DRIVER_MOUNTS),
+        *npu_volume_mounts(),
         *(dict(m) for m in checkpoint.volume_mounts),
         *(dict(m) for m in spec.volume_mounts),
     ]
@@ -373,7 +370,7 @@ def server_container(
         ports.append({"name": c.MASTER_PORT_NAME, "containerPort": ic.GROUP_MASTER_PORT, "protocol": "TCP"})
     if ports:
         container["ports"] = ports
-    container["resources"] = _ascend_resources(spec)
+    container["resources"] = ascend_resources(spec.resources, spec.devices_per_replica)
     container["volumeMounts"] = mounts
     if serves_http:
         container.update(health_probes(spec))
@@ -382,9 +379,7 @@ def server_container(
 
 def pod_volumes(spec: InferenceSpec, checkpoint: ResolvedCheckpoint) -> list[dict[str, Any]]:
     return [
-        {"name": c.CONFIG_VOLUME, "configMap": {"name": config_map_name(spec.name)}},
-        {"name": c.SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
-        *({"name": vol, "hostPath": {"path": path, "type": kind}} for vol, path, kind in c.ASCEND_DRIVER_MOUNTS),
+        *npu_pod_volumes(config_map_name(spec.name)),
         *(dict(v) for v in checkpoint.volumes),
         *(dict(v) for v in spec.volumes),
     ]
@@ -398,14 +393,7 @@ def pod_spec(spec: InferenceSpec, checkpoint: ResolvedCheckpoint, container: dic
         "containers": [container],
         "volumes": pod_volumes(spec, checkpoint),
     }
-    if spec.node_selector:
-        fields["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        fields["tolerations"] = [dict(t) for t in spec.tolerations]
-    if spec.affinity:
-        fields["affinity"] = spec.affinity
-    if spec.priority_class_name:
-        fields["priorityClassName"] = spec.priority_class_name
+    fields.update(placement_fields(spec.node_selector, spec.tolerations, spec.affinity, spec.priority_class_name))
     return fields
 
 

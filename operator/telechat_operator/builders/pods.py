@@ -6,7 +6,13 @@ from typing import Any
 
 from telechat_operator import constants as c
 from telechat_operator.builders import names
-from telechat_operator.builders.common import metadata
+from telechat_operator.builders.common import (
+    ascend_resources,
+    metadata,
+    npu_pod_volumes,
+    npu_volume_mounts,
+    placement_fields,
+)
 from telechat_operator.spec import FinetuneSpec
 
 
@@ -82,24 +88,9 @@ def rank_env(spec: FinetuneSpec, rank: int, attempt: int) -> list[dict[str, Any]
     return [*(dict(e) for e in spec.env), *({"name": k, "value": str(v)} for k, v in contract.items())]
 
 
-def _ascend_resources(spec: FinetuneSpec) -> dict[str, Any]:
-    npus = str(spec.devices_per_node)
-    requests = {**(spec.resources.get("requests") or {}), c.ASCEND_RESOURCE: npus}
-    limits = {**(spec.resources.get("limits") or {}), c.ASCEND_RESOURCE: npus}
-    return {**spec.resources, "requests": requests, "limits": limits}
-
-
 def _placement(spec: FinetuneSpec) -> dict[str, Any]:
     """Scheduling fields shared by rank and merge pods (the output volume may only be reachable there)."""
-    fields: dict[str, Any] = {}
-    if spec.node_selector:
-        fields["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        fields["tolerations"] = [dict(t) for t in spec.tolerations]
-    if spec.affinity:
-        fields["affinity"] = spec.affinity
-    if spec.priority_class_name:
-        fields["priorityClassName"] = spec.priority_class_name
+    fields = placement_fields(spec.node_selector, spec.tolerations, spec.affinity, spec.priority_class_name)
     if spec.service_account_name:
         fields["serviceAccountName"] = spec.service_account_name
     if spec.image_pull_secrets:
@@ -123,24 +114,14 @@ def build_rank_pod(spec: FinetuneSpec, rank: int, attempt: int) -> dict[str, Any
     if spec.gang_scheduled:
         meta["annotations"] = {c.ANNOTATION_VOLCANO_GROUP: names.pod_group(spec.name)}
 
-    volumes: list[dict[str, Any]] = [
-        {"name": c.CONFIG_VOLUME, "configMap": {"name": names.config_map(spec.name)}},
-        {"name": c.SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
-        *({"name": vol, "hostPath": {"path": path, "type": kind}} for vol, path, kind in c.ASCEND_DRIVER_MOUNTS),
-        *(dict(v) for v in spec.volumes),
-    ]
-    mounts: list[dict[str, Any]] = [
-        {"name": c.CONFIG_VOLUME, "mountPath": c.CONFIG_MOUNT_DIR, "readOnly": True},
-        {"name": c.SHM_VOLUME, "mountPath": c.SHM_MOUNT_PATH},
-        *({"name": vol, "mountPath": path, "readOnly": True} for vol, path, _ in c.ASCEND_DRIVER_MOUNTS),
-        *(dict(m) for m in spec.volume_mounts),
-    ]
+    volumes = [*npu_pod_volumes(names.config_map(spec.name)), *(dict(v) for v in spec.volumes)]
+    mounts = [*npu_volume_mounts(), *(dict(m) for m in spec.volume_mounts)]
     container = {
         **_container_base(spec, c.TRAINER_CONTAINER),
         "command": rank_command(spec, rank, attempt),
         "env": rank_env(spec, rank, attempt),
         "ports": [{"name": c.MASTER_PORT_NAME, "containerPort": spec.master_port, "protocol": "TCP"}],
-        "resources": _ascend_resources(spec),
+        "resources": ascend_resources(spec.resources, spec.devices_per_node),
         "volumeMounts": mounts,
     }
     pod_spec: dict[str, Any] = {

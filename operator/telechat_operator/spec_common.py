@@ -1,0 +1,108 @@
+"""Parsing pieces both custom resources share (TeleChatFinetune in `spec`, TeleChatInference in `inference_spec`).
+
+One copy, so both kinds word errors the same way and check the same things: a `SpecError` names the field.
+Pure: no API calls; `telechat2.configs` is imported lazily (pure Python, no MindSpore).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from telechat_operator import constants as c
+
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+class SpecError(ValueError):
+    """A spec the operator cannot run; `field` is the JSON path users see in `kubectl explain`."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def owner_reference(kind: str, name: str, uid: str) -> dict[str, Any]:
+    """The controller reference every child carries: garbage-collected with its owner, adopted by no one else."""
+    return {
+        "apiVersion": c.API_VERSION,
+        "kind": kind,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def require_int(value: Any, field: str, *, minimum: int | None = None) -> int:
+    """An int (not a bool, which Python counts as one), at least `minimum` when given."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(field, f"must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise SpecError(field, f"must be at least {minimum}, got {value}")
+    return value
+
+
+def optional_int(value: Any, field: str, *, minimum: int | None = None) -> int | None:
+    """None stays None (the field was left out); anything else must pass `require_int`."""
+    return None if value is None else require_int(value, field, minimum=minimum)
+
+
+def require_str(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SpecError(field, "must be a non-empty string")
+    return value
+
+
+def validate_name(name: str, nodes: int) -> None:
+    """Pod host names `<name>-rank-<nodes-1>` must be DNS labels (the CRD's CEL rule says the same)."""
+    if not _DNS_LABEL.match(name):
+        raise SpecError(
+            "metadata.name", "must be a DNS label: lower-case letters, digits and '-', starting with a letter"
+        )
+    host = f"{name}{c.RANK_HOST_INFIX}{nodes - 1}"
+    if len(host) > c.DNS_LABEL_MAX:
+        raise SpecError(
+            "metadata.name",
+            f"too long: pod host name {host!r} would be {len(host)} characters (max {c.DNS_LABEL_MAX})",
+        )
+
+
+def known_model_defaults(model: str) -> tuple[Any, dict[str, str]]:
+    """`telechat2.configs.model_defaults(model)` and its env as strings; an unknown model is a spec.model error."""
+    from telechat2 import configs
+
+    if model not in configs.list_models():
+        raise SpecError("spec.model", f"unknown model {model!r}; known: {', '.join(configs.list_models())}")
+    raw = configs.model_defaults(model)
+    return raw, {str(k): str(v) for k, v in (raw.env or {}).items()}
+
+
+def merge_env(
+    defaults: Mapping[str, str], user: list[dict[str, Any]], *, reserved: Collection[str]
+) -> tuple[dict[str, Any], ...]:
+    """Model defaults first, user entries override by name (upsert, never a duplicate name).
+
+    `reserved` names are set by the operator or msrun; a user entry with one of them is an error, not an override.
+    """
+    merged: dict[str, dict[str, Any]] = {name: {"name": name, "value": str(value)} for name, value in defaults.items()}
+    for index, entry in enumerate(user):
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise SpecError(f"spec.env[{index}].name", "is required")
+        if name in reserved:
+            raise SpecError(f"spec.env[{index}].name", f"{name} is reserved (set by the operator or msrun)")
+        merged.pop(name, None)  # user entries keep their own order, after the defaults
+        merged[name] = dict(entry)
+    return tuple(merged.values())
+
+
+def resources_without_npus(raw: Mapping[str, Any] | None, *, devices_field: str) -> dict[str, Any]:
+    """The user's container resources; the NPU count comes from `devices_field` only, never from here."""
+    resources = dict(raw or {})
+    for section in ("requests", "limits"):
+        if c.ASCEND_RESOURCE in (resources.get(section) or {}):
+            raise SpecError(f"spec.resources.{section}", f"must not set {c.ASCEND_RESOURCE}; use {devices_field}")
+    return resources
