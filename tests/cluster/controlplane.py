@@ -55,6 +55,15 @@ class ClusterHandle:
             raise ClusterError("kubectl", f"`kubectl {' '.join(args)}` failed: {result.stderr.strip()}")
         return result
 
+    def helm(self, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        """Run helm against this cluster with a clean HOME, so no user's helm config or repositories leak in."""
+        command = [str(self.bin_dir / "helm"), f"--kubeconfig={self.kubeconfig}", *args]
+        env = {"HOME": "/tmp", "PATH": "/usr/bin:/bin"}
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+        if check and result.returncode != 0:
+            raise ClusterError("helm", f"`helm {' '.join(args)}` failed: {result.stderr.strip()}")
+        return result
+
     def api_client(self) -> Any:
         """A kubernetes.client.ApiClient for this cluster (imported lazily: only tests need the package)."""
         from kubernetes import config

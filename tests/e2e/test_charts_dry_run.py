@@ -7,7 +7,6 @@ Deployment, Service, HPA and Ingress schemas of the pinned Kubernetes.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,19 +17,6 @@ from tests.cluster.controlplane import ClusterHandle
 REPO = Path(__file__).resolve().parents[2]
 OPERATOR_CHART = REPO / "charts" / "telechat-operator"
 INFERENCE_CHART = REPO / "charts" / "telechat-inference"
-
-
-def helm(cluster: ClusterHandle, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [str(cluster.bin_dir / "helm"), f"--kubeconfig={cluster.kubeconfig}", *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={"HOME": "/tmp", "PATH": "/usr/bin:/bin"},
-    )
-    if check:
-        assert result.returncode == 0, f"helm {' '.join(args)}: {result.stderr}"
-    return result
 
 
 def server_dry_run(cluster: ClusterHandle, manifests: str) -> str:
@@ -61,7 +47,7 @@ def chart_crd_folder_installed(cluster: ClusterHandle) -> None:
 def test_operator_chart_is_accepted_by_the_apiserver(
     cluster: ClusterHandle, namespace: str, chart_crd_folder_installed: None, values: list[str]
 ) -> None:
-    manifests = helm(cluster, "template", "tco", str(OPERATOR_CHART), "--namespace", namespace, *values).stdout
+    manifests = cluster.helm("template", "tco", str(OPERATOR_CHART), "--namespace", namespace, *values).stdout
     kinds = {doc["kind"] for doc in yaml.safe_load_all(manifests) if doc}
     assert {"ServiceAccount", "Deployment"} <= kinds
     # A Role lives in the watched namespace (telechat-jobs in the ci values): it must exist to be accepted.
@@ -81,7 +67,7 @@ def test_operator_chart_is_accepted_by_the_apiserver(
 def test_inference_chart_is_accepted_by_the_apiserver(
     cluster: ClusterHandle, namespace: str, crds_installed: None, values: Path
 ) -> None:
-    manifests = helm(cluster, "template", "tc7b", str(INFERENCE_CHART), "--namespace", namespace, "-f", str(values))
+    manifests = cluster.helm("template", "tc7b", str(INFERENCE_CHART), "--namespace", namespace, "-f", str(values))
     output = server_dry_run(cluster, manifests.stdout)
     assert "telechatinference.telechat.io/tc7b created (server dry run)" in output
 
@@ -90,8 +76,7 @@ def test_apiserver_still_rejects_what_the_chart_schema_cannot_see(
     cluster: ClusterHandle, namespace: str, crds_installed: None
 ) -> None:
     """The chart leaves cross-field rules to the CRD: maxInputTokenLen >= maxSeqLen passes helm, fails admission."""
-    manifests = helm(
-        cluster,
+    manifests = cluster.helm(
         *("template", "tc7b", str(INFERENCE_CHART), "--namespace", namespace),
         *("-f", str(INFERENCE_CHART / "ci" / "minimal-values.yaml")),
         *("--set", "maxSeqLen=1024", "--set", "maxInputTokenLen=2048"),
@@ -106,10 +91,10 @@ def test_install_with_an_unknown_value_is_rejected_before_touching_the_cluster(
 ) -> None:
     values = tmp_path / "values.yaml"
     values.write_text("model: telechat2-tiny\ncheckpoint:\n  path: /data/tiny\nreplica: 2\n")
-    result = helm(
-        cluster, "install", "typo", str(INFERENCE_CHART), "--namespace", namespace, "-f", str(values), check=False
+    result = cluster.helm(
+        "install", "typo", str(INFERENCE_CHART), "--namespace", namespace, "-f", str(values), check=False
     )
     assert result.returncode != 0
     assert "replica" in result.stderr and "additional properties" in result.stderr.lower()
-    assert helm(cluster, "list", "--namespace", namespace, "-q").stdout.strip() == ""
+    assert cluster.helm("list", "--namespace", namespace, "-q").stdout.strip() == ""
     assert cluster.kubectl("get", "telechatinferences", "-n", namespace, "-o", "name").stdout.strip() == ""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ import yaml
 from lupa import lua51
 
 from tests.cluster.controlplane import ClusterHandle
-from tests.cluster.render import FAKE_NODE_ANNOTATION
+from tests.cluster.render import FAKE_NODE_ANNOTATION, free_ports
 from tests.cluster.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,25 +41,6 @@ HEALTH_DIR = REPO / "charts" / "argocd-health" / "telechat.io"
 # The field manager a GitOps controller would apply with (Argo CD's server-side apply uses this name).
 GITOPS_MANAGER = "argocd-controller"
 TINY_VALUES = ["--set", "model=telechat2-tiny", "--set", "checkpoint.path=/data/telechat2-tiny"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def helm(cluster: ClusterHandle, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [str(cluster.bin_dir / "helm"), f"--kubeconfig={cluster.kubeconfig}", *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={"HOME": "/tmp", "PATH": "/usr/bin:/bin"},
-    )
-    if check:
-        assert result.returncode == 0, f"helm {' '.join(args)}: {result.stderr}"
-    return result
 
 
 def get(cluster: ClusterHandle, *args: str) -> dict[str, Any]:
@@ -144,18 +124,17 @@ def operator(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -
     release = "tco"
     cluster.kubectl("create", "namespace", namespace)
     # Namespace scope: the Role is what the operator gets. --take-ownership: earlier tests may have applied crds/.
-    helm(
-        cluster,
+    cluster.helm(
         *("install", release, str(OPERATOR_CHART), "--namespace", namespace, "--take-ownership"),
         *("--set", "scope=namespace", "--set", "operator.logFormat=plain"),
     )
-    manifest = helm(cluster, "get", "manifest", release, "--namespace", namespace).stdout
+    manifest = cluster.helm("get", "manifest", release, "--namespace", namespace).stdout
     account = next(d for d in yaml.safe_load_all(manifest) if d and d["kind"] == "ServiceAccount")["metadata"]["name"]
     cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
 
     workdir = tmp_path_factory.mktemp("operator-from-chart")
     kubeconfig = service_account_kubeconfig(cluster, namespace, account, workdir / "kubeconfig")
-    liveness_port, metrics_port = free_port(), free_port()
+    liveness_port, metrics_port = free_ports(2)
     command = local_command(chart_container(manifest), liveness_port, metrics_port)
     log = workdir / "operator.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
@@ -175,7 +154,7 @@ def operator(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        helm(cluster, "uninstall", release, "--namespace", namespace, "--wait", "--timeout=60s", check=False)
+        cluster.helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout=60s", check=False)
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
@@ -189,7 +168,7 @@ def liveness_ok(operator: OperatorFromChart) -> bool:
 
 
 def install_inference(cluster: ClusterHandle, operator: OperatorFromChart, release: str, *values: str) -> None:
-    helm(cluster, "install", release, str(INFERENCE_CHART), "--namespace", operator.namespace, *TINY_VALUES, *values)
+    cluster.helm("install", release, str(INFERENCE_CHART), "--namespace", operator.namespace, *TINY_VALUES, *values)
 
 
 def wait_ready(cluster: ClusterHandle, operator: OperatorFromChart, name: str, replicas: int) -> dict[str, Any]:
@@ -227,7 +206,7 @@ def fake_ascend_nodes(cluster: ClusterHandle) -> set[str]:
 def test_operator_chart_installs_its_objects_and_says_what_to_do_next(
     cluster: ClusterHandle, operator: OperatorFromChart
 ) -> None:
-    status = helm(cluster, "status", operator.release, "--namespace", operator.namespace, "--show-resources").stdout
+    status = cluster.helm("status", operator.release, "--namespace", operator.namespace, "--show-resources").stdout
     assert "STATUS: deployed" in status
     assert "kubectl wait --for=condition=Succeeded" in status, "NOTES.txt tells the user the next step"
     role = get(cluster, "role", f"{operator.release}-telechat-operator", "-n", operator.namespace)
@@ -279,8 +258,8 @@ def test_operator_from_chart_serves_an_inference_on_fake_ascend_nodes(
 def test_reapplying_the_same_manifests_changes_nothing(
     cluster: ClusterHandle, operator: OperatorFromChart, served: dict[str, Any]
 ) -> None:
-    manifests = helm(
-        cluster, "template", "tiny", str(INFERENCE_CHART), "--namespace", operator.namespace, *TINY_VALUES
+    manifests = cluster.helm(
+        "template", "tiny", str(INFERENCE_CHART), "--namespace", operator.namespace, *TINY_VALUES
     ).stdout
     result = cluster.kubectl("diff", "--server-side", "--force-conflicts", "-f", "-", input=manifests, check=False)
     assert result.returncode == 0, f"re-applying the chart's manifests would change:\n{result.stdout}{result.stderr}"
@@ -290,8 +269,7 @@ def test_gitops_apply_converges_and_the_operator_never_writes_spec(
     cluster: ClusterHandle, operator: OperatorFromChart
 ) -> None:
     """As Argo CD does it: render, server-side apply, let the operator reconcile, apply again: no diff."""
-    manifests = helm(
-        cluster,
+    manifests = cluster.helm(
         *("template", "gitops", str(INFERENCE_CHART), "--namespace", operator.namespace, *TINY_VALUES),
         *("--set", "replicas=2"),
     ).stdout
@@ -315,8 +293,7 @@ def test_gitops_apply_converges_and_the_operator_never_writes_spec(
 def test_scaling_through_the_chart_rolls_to_ready_and_health_follows(
     cluster: ClusterHandle, operator: OperatorFromChart, served: dict[str, Any]
 ) -> None:
-    helm(
-        cluster,
+    cluster.helm(
         *("upgrade", "tiny", str(INFERENCE_CHART), "--namespace", operator.namespace, *TINY_VALUES),
         *("--set", "replicas=2"),
     )
@@ -332,7 +309,7 @@ def test_inference_chart_uninstall_removes_the_resource_and_its_children(
 ) -> None:
     install_inference(cluster, operator, "gone")
     wait_ready(cluster, operator, "gone", replicas=1)
-    helm(cluster, "uninstall", "gone", "--namespace", operator.namespace, "--wait", "--timeout=60s")
+    cluster.helm("uninstall", "gone", "--namespace", operator.namespace, "--wait", "--timeout=60s")
     wait_for(
         lambda: not cluster.kubectl(
             "get", "telechatinference", "gone", "-n", operator.namespace, check=False
@@ -362,4 +339,4 @@ def test_chart_hpa_reaches_the_inference_through_its_scale_subresource(
 
     found = wait_for(able_to_scale, "the HPA to read the TeleChatInference's scale subresource", timeout=60)
     assert found["reason"] == "SucceededGetScale"
-    helm(cluster, "uninstall", "auto", "--namespace", operator.namespace, "--wait", "--timeout=60s")
+    cluster.helm("uninstall", "auto", "--namespace", operator.namespace, "--wait", "--timeout=60s")
