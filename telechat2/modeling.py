@@ -223,7 +223,7 @@ class TeleChat2Attention(nn.Cell):
 
         k and v [B, K, T, D] include the past ones, so the caller can keep them as the cache.
         """
-        batch, length, hidden = x.shape
+        batch, length, _ = x.shape
         q, k, v = self._project(x)
         q = apply_rotary_pos_emb(q, cos, sin)
         k = apply_rotary_pos_emb(k, cos, sin)
@@ -241,7 +241,8 @@ class TeleChat2Attention(nn.Cell):
                 scores = ops.masked_fill(scores, mask, _MASKED)  # [B, N, S, T]
             probs = ops.softmax(scores, axis=-1).astype(v.dtype)
             context = ops.matmul(probs, repeat_kv(v, self.n_rep))  # [B, N, S, D]
-        context = context.transpose(0, 2, 1, 3).reshape(batch, length, hidden)
+        # heads * head_dim, not x's width: equal on one device, this rank's heads under tensor parallelism
+        context = context.transpose(0, 2, 1, 3).reshape(batch, length, self.num_heads * self.head_dim)
         return self.wo(context), k, v
 
     def decode_static(
@@ -259,7 +260,7 @@ class TeleChat2Attention(nn.Cell):
         slot [1, 1, L, 1] is 1 at the token's position (its K and V are written there), hidden_keys [1, 1, 1, L]
         is True past it. Portable ops only: one query row needs no flash attention.
         """
-        batch, _, hidden = x.shape
+        batch = x.shape[0]
         q, k, v = self._project(x)
         q = apply_rotary_pos_emb(q, cos, sin)
         k = apply_rotary_pos_emb(k, cos, sin)
@@ -268,7 +269,8 @@ class TeleChat2Attention(nn.Cell):
         scores = ops.matmul(q, repeat_kv(key_cache, self.n_rep).swapaxes(-1, -2)).astype(ms.float32) * self.scale
         probs = ops.softmax(ops.masked_fill(scores, hidden_keys, _MASKED), axis=-1).astype(value_cache.dtype)
         context = ops.matmul(probs, repeat_kv(value_cache, self.n_rep))  # [B, N, 1, D]
-        return self.wo(context.transpose(0, 2, 1, 3).reshape(batch, 1, hidden)), key_cache, value_cache
+        context = context.transpose(0, 2, 1, 3).reshape(batch, 1, self.num_heads * self.head_dim)
+        return self.wo(context), key_cache, value_cache
 
 
 class TeleChat2MLP(nn.Cell):

@@ -6,6 +6,8 @@
 `--config` is a MindFormers YAML (its `model.model_config` is the architecture; its generation keys and
 `processor.tokenizer.vocab_file` are used as defaults) or a model name known to `telechat2.configs`. Flags take
 the seed's underscore names and hyphenated forms. Settings resolve as: flag, then YAML, then TeleChat2's defaults.
+Under msrun with `parallel_config.model_parallel` equal to the number of ranks, the model is split over the ranks
+(`telechat2.tensor_parallel`), as the seed's `--use_parallel True` runs do.
 """
 
 from __future__ import annotations
@@ -114,11 +116,13 @@ def _as_dtype(value, dtype, name: str):
     return value if value.dtype == dtype else ms.Parameter(value.astype(dtype), name=name)
 
 
-def load_model(config: str, checkpoint: str | None, seq_length: int | None = None):
+def load_model(config: str, checkpoint: str | None, seq_length: int | None = None, tensor_parallel=None):
     """Build TeleChat2ForCausalLM from a YAML path or model name and load `checkpoint` (None = random weights).
 
     Switches MindSpore to PyNative mode (generation feeds a new shape each step). Off Ascend, the fused Ascend
     kernels are turned off and the compute dtype is float32, whatever the YAML asks (bfloat16 is an NPU choice).
+    With `tensor_parallel` (a `telechat2.tensor_parallel.TensorParallel` of size > 1, under msrun) this rank builds
+    its share of the model and reads only its slices of the full checkpoint.
     """
     import mindspore as ms
 
@@ -128,6 +132,10 @@ def load_model(config: str, checkpoint: str | None, seq_length: int | None = Non
     arch = architecture_from(read_run_config(config), seq_length)
     if ms.get_context("device_target") != "Ascend":
         arch = dataclasses.replace(arch, use_flash_attention=False, use_fused_rms_norm=False, compute_dtype="float32")
+    if tensor_parallel is not None and tensor_parallel.size > 1:
+        from telechat2 import tensor_parallel as tp
+
+        return tp.load_model(arch, checkpoint, tensor_parallel)
     model = TeleChat2ForCausalLM(arch)
     if checkpoint:
         load_checkpoint_into(model, checkpoint)
@@ -169,7 +177,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     _add(parser, "repetition_penalty", type=float, help="default 1.03 (1 = off)")
     _add(parser, "seed", type=int, help="seed for sampling (reproducible output)")
     _add(parser, "stop", action="append", help="extra stop token: an id or a special piece such as <_user>")
-    _add(parser, "use_parallel", type=_bool, default=False, help="seed flag; only False is supported here")
+    _add(
+        parser,
+        "use_parallel",
+        type=_bool,
+        default=False,
+        help="seed flag: True under msrun (the ranks and parallel_config.model_parallel decide the split)",
+    )
     _add(parser, "register_path", help="seed flag; ignored (the model is built in)")
     _add(parser, "auto_trans_ckpt", type=_bool, default=False, help="seed flag; ignored (load a merged checkpoint)")
 
@@ -251,29 +265,53 @@ def chat_loop(model, tokenizer, config: GenerationConfig, system: str | None, li
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.use_parallel:
-        print("predict: --use_parallel True is not supported; load a merged checkpoint on one device", file=sys.stderr)
+    """One process, or every rank under msrun: with parallel_config.model_parallel equal to the number of ranks the
+    model is split over them (`telechat2.tensor_parallel`); every rank generates in step and rank 0 prints."""
+    import os
+
+    from telechat2.serve import distributed
+
+    if distributed.is_msrun_scheduler(os.environ):
+        return distributed.run_msrun_scheduler()
+    group = distributed.ProcessGroup.from_env(os.environ)
+    if args.use_parallel and group.world_size == 1:
+        print(
+            "predict: --use_parallel True needs several ranks: start it under msrun with parallel_config."
+            "model_parallel ranks, or drop the flag to run the merged checkpoint on one device",
+            file=sys.stderr,
+        )
         return 2
     if not args.interactive and not args.predict_data:
         print("predict: give --predict_data PROMPT or --interactive", file=sys.stderr)
+        return 2
+    if args.interactive and group.world_size > 1:
+        print("predict: --interactive reads stdin in one process; under msrun use `telechat2 serve`", file=sys.stderr)
         return 2
     from telechat2.generation import stream_generate
     from telechat2.tokenizer import TeleChat2Tokenizer
 
     try:
         run_config = read_run_config(args.config)
+        layout = distributed.plan_layout(run_config, group)
         tokenizer = TeleChat2Tokenizer(_vocab_file(args, run_config))
         gen_config = generation_config_from(args, run_config, tokenizer)
-        model = load_model(args.config, args.load_checkpoint, args.seq_length)
+        place = distributed.join_cluster(group) if group.msrun_worker or layout == distributed.TENSOR_PARALLEL else None
+        tensor_parallel = place if layout == distributed.TENSOR_PARALLEL else None
+        if tensor_parallel is not None and gen_config.do_sample and gen_config.seed is None:
+            from telechat2.tensor_parallel import shared_seed
+
+            gen_config.seed = shared_seed()  # the ranks must draw the same tokens
+        model = load_model(args.config, args.load_checkpoint, args.seq_length, tensor_parallel)
     except (OSError, ValueError, KeyError) as exc:
         print(f"predict: {exc}", file=sys.stderr)
         return 2
     if args.interactive:
         return chat_loop(model, tokenizer, gen_config, args.system, sys.stdin, sys.stdout)
+    out = sys.stdout if group.rank == 0 else open(os.devnull, "w")  # noqa: SIM115 (closed at exit)
     for prompt in args.predict_data:
         ids = tokenizer.encode(prompt)
         try:
-            _stream_text(tokenizer, stream_generate(model, ids, gen_config), sys.stdout)
+            _stream_text(tokenizer, stream_generate(model, ids, gen_config), out)
         except ValueError as exc:
             print(f"predict: {exc}", file=sys.stderr)
             return 2

@@ -6,8 +6,10 @@ Business, management (health) and metrics endpoints share one port (MindIE split
 port keeps the Service and probes simple). Bearer auth, when configured, guards the business routes only: health
 and /metrics stay open for the kubelet and Prometheus.
 
-Under msrun (several ranks) every rank loads the model and runs each generation in lockstep; rank 0 alone serves
-HTTP (see `telechat2.serve.distributed`). On CPU, one process.
+Under msrun (several ranks) rank 0 alone serves HTTP and every rank runs each generation in lockstep (see
+`telechat2.serve.distributed`). With `parallel_config.model_parallel` equal to the number of ranks the model is split
+over them (tensor parallel, `telechat2.tensor_parallel`); with model_parallel 1 each rank holds a whole replica.
+Without msrun, one process holds the whole model.
 """
 
 from __future__ import annotations
@@ -253,23 +255,38 @@ def run(args: argparse.Namespace) -> int:
     from telechat2.serve.engine import TeleChat2Engine
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if distributed.is_msrun_scheduler(os.environ):
+        return distributed.run_msrun_scheduler()
     try:
         settings = settings_from_args(args)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
 
-    def load() -> Engine:
-        return TeleChat2Engine.load(args.config, args.load_checkpoint, args.vocab_file, settings.max_seq_len)
-
     group = distributed.ProcessGroup.from_env(os.environ)
     try:
-        warning = distributed.layout_warning(read_run_config(args.config), group)
+        run_config = read_run_config(args.config)
+        layout = distributed.plan_layout(run_config, group)
+        warning = distributed.layout_warning(run_config, group)
     except (OSError, ValueError) as exc:
         log.error("--config: %s", exc)
         return 2
     if warning:
         log.warning("%s", warning)
+
+    def load() -> Engine:
+        tensor_parallel = None
+        if layout == distributed.TENSOR_PARALLEL or group.msrun_worker:
+            place = distributed.join_cluster(group)
+            tensor_parallel = place if layout == distributed.TENSOR_PARALLEL else None
+        return TeleChat2Engine.load(
+            args.config, args.load_checkpoint, args.vocab_file, settings.max_seq_len, tensor_parallel
+        )
+
+    if layout == distributed.TENSOR_PARALLEL:
+        log.info(
+            "rank %d of %d: holding 1/%d of the model (tensor parallel)", group.rank, group.world_size, group.world_size
+        )
     control_port = args.control_port or args.port + 1
     if group.world_size > 1 and group.rank != 0:
         return distributed.follow(load, group.leader_host, control_port)

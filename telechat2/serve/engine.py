@@ -70,10 +70,18 @@ class TeleChat2Engine:
         self.defaults = defaults or generation_defaults()
 
     @classmethod
-    def load(cls, config: str, checkpoint: str | None, vocab_file: str | None, seq_length: int) -> TeleChat2Engine:
+    def load(
+        cls,
+        config: str,
+        checkpoint: str | None,
+        vocab_file: str | None,
+        seq_length: int,
+        tensor_parallel: Any = None,
+    ) -> TeleChat2Engine:
         """Load weights and tokenizer; slow (seconds to minutes), so the server calls it after the port opens.
 
         Generation defaults: TeleChat2's, overridden by the YAML's model_config keys (as `telechat2 predict`).
+        `tensor_parallel` (a `telechat2.tensor_parallel.TensorParallel`, under msrun) loads this rank's share.
         """
         from telechat2.predict import load_model, read_run_config
         from telechat2.tokenizer import TeleChat2Tokenizer
@@ -86,7 +94,7 @@ class TeleChat2Engine:
         checkpoint = checkpoint or run_config.get("load_checkpoint") or None
         if not checkpoint:
             log.warning("no checkpoint (--load_checkpoint or the YAML's load_checkpoint): serving RANDOM weights")
-        model = load_model(config, checkpoint, seq_length=seq_length)
+        model = load_model(config, checkpoint, seq_length=seq_length, tensor_parallel=tensor_parallel)
         model_config = run_config["model"]["model_config"]
         defaults = generation_defaults().replace(
             **{f.name: model_config.get(f.name) for f in dataclasses.fields(SamplingParams) if f.name in _YAML_KEYS}
