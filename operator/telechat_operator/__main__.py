@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from typing import Any
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.metrics_port:
         start_http_server(args.metrics_port)
+    tune_interpreter()
     logging.getLogger(__name__).info("starting: %s", config)
     kopf.run(
         clusterwide=not args.namespace,
@@ -60,6 +62,21 @@ def run(args: argparse.Namespace) -> int:
         peering_name=args.peering,
     )
     return 0
+
+
+def tune_interpreter() -> None:
+    """Freeze what start-up allocated and collect less often.
+
+    Decoding watch events (a pod is a few kB of JSON) allocates thousands of small containers; with the default
+    thresholds that set off a collection every few events, and each older-generation collection walked every object
+    kopf and the kubernetes client had allocated at import. Profiled on a 16-pod job, the collector was half of the
+    operator's event-loop CPU. Nothing here builds reference cycles that need prompt collection."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD_ALLOCATIONS, 20, 20)
+
+
+GC_THRESHOLD_ALLOCATIONS = 20_000  # python's default is 700
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,9 @@ class OperatorConfig:
     resync_seconds: float = 300.0
     # Pod events are collected this long before the job is reconciled (one pass for a burst of rank pod changes).
     pod_event_settle_seconds: float = 0.2
+    # Longer for pods that only progressed (Pending -> Running): the job's Running status can wait a second, which
+    # turns a group's ramp into one pass and keeps those writes off the API while other jobs' pods are being created.
+    pod_progress_settle_seconds: float = 1.0
     # Minimum interval between status writes that only update the pod counts (status.pods).
     status_counts_seconds: float = 2.0
     # Concurrent reconcile passes across all jobs, and concurrent pod creations within one pass.

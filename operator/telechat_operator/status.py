@@ -509,6 +509,22 @@ def invalid_spec_plan(old: Mapping[str, Any], error: SpecError, generation: int,
     return plan
 
 
+def rests_on_absence(old: Mapping[str, Any], plan: Plan) -> bool:
+    """Whether acting on `plan` could be wrong if a pod existed that the list did not show.
+
+    A list from the apiserver's watch cache may trail the latest writes by a moment. Every other decision is safe on
+    such a list: creating a pod that exists answers 409, and Running, launched or Succeeded rest on pods that were
+    seen. What is not safe is what a missing pod sets off: deleting pods, counting a restart or a merge retry, or
+    failing the job; those plans are decided again on a consistent read."""
+    if plan.delete_pods:
+        return True
+    if int(plan.status.get("restarts", 0)) > int(old.get("restarts", 0)):
+        return True
+    if int(plan.status.get("mergeAttempt", 1)) > int(old.get("mergeAttempt", 1)):
+        return True
+    return plan.status.get("state") == c.STATE_FAILED and old.get("state") != c.STATE_FAILED
+
+
 def reconcile(
     spec: FinetuneSpec, old_status: Mapping[str, Any], pods: list[PodView], now: datetime, backoff: Backoff
 ) -> Plan:

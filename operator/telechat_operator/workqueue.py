@@ -1,6 +1,6 @@
 """A keyed, coalescing work queue on the operator's event loop (the controller-runtime pattern).
 
-Watch events only *trigger* a key; the reconcile itself reads fresh state. At most one reconcile per key runs at
+Watch events only *trigger* a key; the reconcile itself reads the current state. At most one reconcile per key runs at
 a time; triggers arriving meanwhile collapse into one more pass, so 64 pod events in a burst cost a handful of
 passes, not 64. A pass returns an optional "look again in N seconds" (backoff, deadlines, TTL); one that raises
 is retried with exponential delay. Reconcile functions are synchronous and run in the queue's own worker threads:

@@ -4,7 +4,8 @@
 
 Starts its own local cluster (64 fake Ascend nodes x 8 NPUs; `--kubeconfig` reuses one) and the real operator
 (`telechat-operator run`, a subprocess), then for each scenario, in the same run and on the same cluster:
-- operator: create the TeleChatFinetune(s); the clock stops when every rank pod of every job is Running;
+- operator: create the TeleChatFinetune(s) (16 client threads for 50 jobs, like the threaded baseline); the clock
+  stops when every rank pod of every job is Running;
 - baseline: create the very objects the operator would (ConfigMap, headless Service, rank pods, from the same
   builders) straight with the kubernetes client, sequentially and with 16 threads; same stop condition.
 The baseline pods carry no `app.kubernetes.io/managed-by` label, so the operator's (server-side filtered) pod
@@ -12,6 +13,8 @@ watch never sees them. Ratios are operator / best baseline, medians over the rep
 64-node job go through a whole lifecycle (Running -> ranks Succeeded -> merge -> Succeeded) and the operator's
 own API request counter (`telechat_operator_api_requests_total`) gives the requests per job.
 kwok never runs containers: "Running" is the phase kwok reports once the scheduler has bound the pod.
+The clock stops on a pod watch opened before it starts (see RunningWatch), and each run waits until the previous
+run's namespace is gone and the cluster has settled.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes import client
+from kubernetes.watch.watch import iter_resp_lines
 from telechat_operator import constants as c
 from telechat_operator.builders.configmap import build_config_map
 from telechat_operator.builders.pods import build_rank_pod
@@ -48,6 +53,8 @@ REPO = Path(__file__).resolve().parents[2]
 NODES = 64
 NPUS = 8
 POLL_SECONDS = 0.02
+SETTLE_SECONDS = 1.0
+CLIENT_THREADS = 16  # the threaded baseline's creates and the operator variant's job creates
 
 
 def job_body(name: str, nodes: int, devices: int) -> dict[str, Any]:
@@ -55,6 +62,53 @@ def job_body(name: str, nodes: int, devices: int) -> dict[str, Any]:
     body["spec"]["parallel"] = {"dataParallel": nodes * devices, "modelParallel": 1, "pipelineStage": 1}
     body["spec"]["model"] = "telechat2-7b"
     return body
+
+
+class RunningWatch:
+    """Stops the clock: a pod watch on the (empty) namespace, opened before the clock starts, that notes the moment
+    the event making `expected` pods Running arrives.
+
+    Not a polling list: a list without a resourceVersion is a consistent read, and right after a write to another
+    resource (the job's create or status) the apiserver first confirms with etcd that its cache is current, 40-90 ms
+    here; the baselines write only pods, so a polled clock charged that wait to the operator alone. Raw JSON lines,
+    not the client's model classes, to keep the benchmark's own CPU small on a 2-CPU machine."""
+
+    def __init__(self, core: client.CoreV1Api, namespace: str, expected: int) -> None:
+        self.expected = expected
+        self.response = core.list_namespaced_pod(namespace, watch=True, _preload_content=False, _request_timeout=330)
+        self.done_at: float | None = None
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        running: set[str] = set()
+        try:
+            for line in iter_resp_lines(self.response):
+                event = json.loads(line)
+                pod = event["object"]
+                if event["type"] not in ("ADDED", "MODIFIED", "DELETED"):
+                    self.error = f"pod watch sent {event['type']}: {pod.get('message', pod)}"
+                    return
+                uid = pod["metadata"]["uid"]
+                if event["type"] != "DELETED" and (pod.get("status") or {}).get("phase") == "Running":
+                    running.add(uid)
+                else:
+                    running.discard(uid)
+                if len(running) >= self.expected:
+                    self.done_at = time.monotonic()
+                    return
+            self.error = "the pod watch ended early"
+        except Exception as err:  # surfaced by wait(), not lost with the thread
+            self.error = repr(err)
+        finally:
+            self.response.close()
+
+    def wait(self, timeout: float = 300) -> float:
+        self.thread.join(timeout)
+        if self.done_at is None:
+            raise RuntimeError(self.error or f"fewer than {self.expected} pods Running after {timeout}s")
+        return self.done_at
 
 
 class Bench:
@@ -77,19 +131,25 @@ class Bench:
         raise RuntimeError(f"no default ServiceAccount in {name}")
 
     def cleanup(self, namespace: str) -> None:
-        """Delete the jobs, then the namespace; wait until the pods are gone (the next run needs the NPUs)."""
+        """Delete the jobs, then the namespace; wait until it is gone (its pods, which hold the NPUs the next run
+        needs, and everything else), then let the controllers' follow-up work settle, so one run's clean-up does
+        not load the next run's clock."""
         self.cluster.kubectl(f"--namespace={namespace}", "delete", "telechatfinetunes", "--all", "--wait=true")
         self.core.delete_namespace(namespace)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            if not self.core.list_namespaced_pod(namespace).items:
-                return
+            try:
+                self.core.read_namespace(namespace)
+            except client.ApiException as err:
+                if err.status == 404:
+                    time.sleep(SETTLE_SECONDS)
+                    return
+                raise
             time.sleep(0.2)
-        raise RuntimeError(f"pods of {namespace} still there after 180s")
+        raise RuntimeError(f"namespace {namespace} still there after 180s")
 
     def wait_running(self, namespace: str, expected: int, started: float) -> float:
-        """Poll the pods' phases. Raw JSON, not the client's model classes: deserializing 100 pods into models took
-        ~0.1 s of CPU per poll, which both coarsened the clock and competed with the cluster on 2 CPUs."""
+        """Poll until `expected` pods are Running (the untimed lifecycle walk; the timed runs use RunningWatch)."""
         while True:
             response = self.core.list_namespaced_pod(namespace, _preload_content=False)
             pods = json.loads(response.data)["items"]
@@ -103,12 +163,17 @@ class Bench:
     def via_operator(self, jobs: int, nodes: int, devices: int) -> float:
         namespace = self.namespace()
         bodies = [job_body(f"job{i}", nodes, devices) for i in range(jobs)]
-        started = time.monotonic()
-        for body in bodies:
-            self.custom.create_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.FINETUNE_PLURAL, body)
-        elapsed = self.wait_running(namespace, jobs * nodes, started)
-        self.cleanup(namespace)
-        return elapsed
+        create = lambda body: self.custom.create_namespaced_custom_object(  # noqa: E731
+            c.GROUP, c.VERSION, namespace, c.FINETUNE_PLURAL, body
+        )
+        try:
+            watch = RunningWatch(self.core, namespace, jobs * nodes)
+            started = time.monotonic()
+            with ThreadPoolExecutor(CLIENT_THREADS) as pool:  # "at once": as concurrent as the threaded baseline
+                list(pool.map(create, bodies))
+            return watch.wait() - started
+        finally:
+            self.cleanup(namespace)
 
     def baseline(self, jobs: int, nodes: int, devices: int, threads: int) -> float:
         namespace = self.namespace()
@@ -128,16 +193,18 @@ class Bench:
             "Service": lambda o: self.core.create_namespaced_service(namespace, o),
             "Pod": lambda o: self.core.create_namespaced_pod(namespace, o),
         }
-        started = time.monotonic()
-        if threads == 1:
-            for obj in objects:
-                create[obj["kind"]](obj)
-        else:
-            with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(lambda o: create[o["kind"]](o), objects))
-        elapsed = self.wait_running(namespace, jobs * nodes, started)
-        self.cleanup(namespace)
-        return elapsed
+        try:
+            watch = RunningWatch(self.core, namespace, jobs * nodes)
+            started = time.monotonic()
+            if threads == 1:
+                for obj in objects:
+                    create[obj["kind"]](obj)
+            else:
+                with ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(lambda o: create[o["kind"]](o), objects))
+            return watch.wait() - started
+        finally:
+            self.cleanup(namespace)
 
     def api_requests(self) -> dict[str, float]:
         counts: dict[str, float] = {}
@@ -184,43 +251,38 @@ class Bench:
 SCENARIOS = [("one 2-node job", 1, 2, 8), ("one 16-node job", 1, 16, 8), ("one 64-node job", 1, 64, 8)]
 SCENARIOS.append(("50 two-node jobs at once", 50, 2, 4))
 TARGETS = {1: 1.25, 50: 1.5}
-NOTES = """How to read it. The clock runs from the first create call to the poll that sees every rank pod Running
-(kwok marks a pod Running once the scheduler binds it); it polls every 20 ms with raw JSON lists. (Before 2026-11-25
-21:10 the poll was every 50 ms through the client's model classes, ~0.1 s of CPU per 100-pod list: the old 2-node
-samples fell on 0.1 s steps.) The ratio is against the faster of the two baselines.
+NOTES = """How to read it. The clock runs from the first create call to the moment a pod watch, opened on the empty
+namespace before the clock starts, delivers the event that makes every rank pod Running (kwok marks a pod Running
+once the scheduler binds it). The ratio is against the faster of the two baselines. Runs are interleaved (sequential,
+threaded, operator) and each starts after the previous run's namespace is gone plus 1 s. The 50 jobs are created
+with the same 16 client threads as the threaded baseline's objects.
 
-Where the operator's time goes (profiled with `TELECHAT_OPERATOR_TRACE=1`, which logs the wall clock of each step of
-a pass, against a pod watch in the benchmark process; same cluster, 2026-11-25 21:00-21:08 UTC):
-- one 2-node job: the job's ADDED event reaches the handler 1-6 ms after the create returns, the pass starts within
-  1 ms, reading the job and its pods (concurrently) takes 2-7 ms, parsing and building the pods under 1 ms, the two
-  pod POSTs (concurrent) 6-10 ms: the pods exist ~20 ms after the apply (the sequential baseline's first pod: ~17 ms).
-  The ConfigMap and Service follow the pods, then the status patch; Events are posted off the pass's path.
-- one 64-node job: 64 pod POSTs on 16 threads take ~0.3 s, like the threaded baseline's 66 creates; what is left is
-  the scheduler and kwok binding 64 pods on 2 CPUs shared with the operator's own pod-watch processing.
-- 50 jobs: the operator's clock includes creating the 50 TeleChatFinetunes one by one (1.2-1.8 s: the apiserver
-  evaluates the CRD's CEL rules per create, and shares the 2 CPUs with the operator); the last job's pods are posted
-  ~0.5 s after its ADDED event, behind the second pass of earlier jobs (their pods turned Running: status -> Running,
-  Events), each a GET, a LIST and a PATCH.
-Fixed after profiling: (1) the echo of the operator's own status write usually arrived before the PATCH response, so
-the resourceVersion check missed it and every status write cost one more full pass (GET + LIST) in the middle of the
-ramp; the expected (generation, status) is now recorded before the PATCH. (2) Rendering the MindFormers config took
-7.5 ms of pure-Python YAML per job; libyaml's emitter writes the same bytes in 0.9 ms (a unit test checks equality).
-Idempotency is unchanged: deterministic names, 409 = already exists, status derived from a fresh read.
-The machine is shared (2 CPUs, other helpers' builds and tests; load averages above), so repeats vary by up to 2x.
+What changed since the first measurement (2-node 3.69x, 16-node 1.84x, 50 jobs 1.70x), each found by profiling
+(`TELECHAT_OPERATOR_TRACE=1` step timestamps, py-spy on the operator, per-process CPU from /proc, 2026-11-25):
+- A consistent LIST right after a write to another resource waits for etcd to confirm the apiserver's watch cache
+  is current (a progress notification; 40-90 ms measured here, 1 ms for the same list from the cache). That hit
+  twice. (1) The operator listed the job's pods at the start of every pass, right after the job's own create or
+  status write: the first pods of a 2-node job were posted ~90 ms after the apply. Now a job never reconciled starts
+  from its watch event (no read at all; the first status write is conditional on the job's resourceVersion), and
+  later passes read the pods from the watch cache at least as new as the newest pod event seen; a decision that a
+  missing pod could set off (restart, delete, merge retry, failure) is taken again on a consistent read
+  (`status.rests_on_absence`, unit-tested). (2) The benchmark's own stop condition was a polled consistent LIST, so
+  after the operator's status writes every poll paid that wait, which the baselines (pod writes only) never did;
+  the clock now stops on a watch event.
+- Garbage collection was half of the operator's event-loop CPU (py-spy): decoding each watch event triggered
+  collections that walked everything kopf and the client allocated at import. Start-up objects are now frozen
+  (`gc.freeze()`) and the allocation threshold is 20,000 instead of 700.
+- The ADDED event of a pod the operator has just posted no longer starts a pass (one GET + LIST per job saved);
+  Events go out on one thread of their own, like client-go's broadcaster, instead of sharing the 16 I/O threads
+  that post pods.
 
-Why targets still miss (run above). The operator's own path from the job's watch event to the last pod POST is
-~20 ms for 2 nodes (profile above) and the 64-node job is within target. For 2- and 16-node jobs the baselines
-finish in 0.03-0.25 s, so a fixed ~20 ms reaction (watch delivery, one read of the job and its pods) plus the
-operator's follow-up writes (ConfigMap, Service, status, Events, each also echoed to its own watch), which compete
-with the scheduler and kwok on the same 2 CPUs in the ~50 ms before the pods are bound, set the ratio: the raw
-2-node operator samples range 0.04-0.20 s, the fastest equal to the baselines'. Fifty jobs are CPU-bound: in one
-profiled run (user + system CPU seconds per process from /proc) the operator variant used apiserver 2.46, operator
-1.06, benchmark client 0.80, kwok 0.36, etcd 0.31, controller-manager 0.28, scheduler 0.20 = 5.5 CPU-s in 2.75 s
-on 2 CPUs; the threaded baseline apiserver 1.32, client 1.16, kwok 0.34, controller-manager 0.25, etcd 0.23,
-scheduler 0.19 = 3.5 CPU-s in 1.73 s. The difference is the apiserver's work for 50 custom resources (CEL
-validation on create, two status patches, a GET and a LIST per pass, Events, watch fan-out) and the operator's own
-CPU. Going lower means fewer API calls per job (e.g. reads from a watch cache instead of fresh reads), which would
-trade away the fresh-read argument the state machine's correctness rests on; not done."""
+What is left. For one job the operator adds the custom resource's create (admission with CEL, 3-4 ms), its watch
+delivery to the operator (~1 ms) and then posts the same pods as the baseline, from 5-6 ms after the apply; its
+follow-up writes (ConfigMap, Service, status, an Event) share the 2 CPUs with the scheduler and kwok binding the
+pods. At 30 ms baselines that is a few milliseconds either way, so the 2-node ratio moves between about 1.1x and
+1.45x from run to run (samples are rounded to 10 ms above; the ratio uses the unrounded medians). Fifty jobs are
+CPU-bound on the apiserver: per job the operator adds the CR create, two status patches (Created, Running), two
+Events and one or two reads to the baseline's four creates."""
 
 
 def run_bench(bench: Bench, repeats: int, only: str | None = None) -> list[dict[str, Any]]:
@@ -231,7 +293,7 @@ def run_bench(bench: Bench, repeats: int, only: str | None = None) -> list[dict[
         samples: dict[str, list[float]] = {"operator": [], "sequential": [], "threaded": []}
         for _ in range(repeats):  # interleaved, so drift in the machine's load hits every variant alike
             samples["sequential"].append(bench.baseline(jobs, nodes, devices, threads=1))
-            samples["threaded"].append(bench.baseline(jobs, nodes, devices, threads=16))
+            samples["threaded"].append(bench.baseline(jobs, nodes, devices, threads=CLIENT_THREADS))
             samples["operator"].append(bench.via_operator(jobs, nodes, devices))
         medians = {key: statistics.median(values) for key, values in samples.items()}
         best = min(medians["sequential"], medians["threaded"])

@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Hashable
+from typing import Any
 
 import kopf
 import pytest
@@ -228,3 +229,136 @@ def test_refusals_that_mean_the_job_is_going_away(status: int, message: str, goi
     from telechat_operator.k8s import ApiError
 
     assert job_going(ApiError(status, message), "ns", "job") is going
+
+
+@pytest.fixture
+def handler_state() -> Any:
+    """The finetune handler's per-job memory (echo detection, pod versions, posted pods), empty before and after."""
+    from telechat_operator.handlers import finetune
+
+    tables = (finetune.own_status_writes, finetune.unstarted_jobs, finetune.pod_versions, finetune.pod_facts)
+    sets = (finetune.posted_pods,)
+    for table in (*tables, *sets):
+        table.clear()
+    yield finetune
+    finetune.event_pool.submit(lambda: None).result()  # events queued by a pass go out before the fakes are undone
+    for table in (*tables, *sets):
+        table.clear()
+
+
+def _running_job_and_pods() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A launched, running 2-node job and its two rank pods, as the API returns them."""
+    from operator_factories import job_body
+    from telechat_operator.builders.pods import build_rank_pod
+    from telechat_operator.spec import parse
+
+    job = job_body(nodes=2, devicesPerNode=1)
+    spec = parse(job)
+    pods = [build_rank_pod(spec, rank, 1) | {"status": {"phase": "Running"}} for rank in (0, 1)]
+    job["status"] = {"attempt": 1, "launchedAttempt": 1, "state": c.STATE_RUNNING, "restarts": 0}
+    return job, pods
+
+
+@pytest.mark.parametrize("really_gone", [False, True])
+def test_a_rank_missing_from_the_cached_list_is_confirmed_by_a_consistent_read(
+    monkeypatch: pytest.MonkeyPatch, really_gone: bool, handler_state: Any
+) -> None:
+    """Passes read pods from the apiserver's cache; a restart (or any decision a missing pod sets off) waits for a
+    consistent read to agree that the pod is gone."""
+    from telechat_operator.handlers import finetune
+
+    job, pods = _running_job_and_pods()
+    reads: list[bool] = []
+
+    def list_pods(namespace: str, labels: Any, from_cache: bool = False, not_older_than: str | None = None) -> Any:
+        reads.append(from_cache)
+        return pods[:1] if from_cache or really_gone else pods
+
+    patches: list[dict[str, Any]] = []
+    deleted: list[str] = []
+    monkeypatch.setattr(finetune.k8s, "list_pods", list_pods)
+    monkeypatch.setattr(finetune.k8s, "get_finetune", lambda namespace, name: job)
+    monkeypatch.setattr(
+        finetune.k8s, "patch_finetune_status", lambda namespace, name, patch, **_: patches.append(patch)
+    )
+    monkeypatch.setattr(finetune.k8s, "delete_pod", lambda namespace, name: deleted.append(name))
+    monkeypatch.setattr(finetune.k8s, "post_event", lambda *args: None)
+    finetune.reconcile_finetune(("ns", "ft"))
+    finetune.event_pool.submit(lambda: None).result()  # the pass's events are out
+    assert reads == [True, False]
+    restarted = any(patch.get("restarts") == 1 for patch in patches)
+    assert restarted == really_gone
+    assert deleted == ([pods[0]["metadata"]["name"]] if really_gone else [])
+
+
+def test_the_added_event_of_a_pod_this_operator_just_posted_starts_no_pass(
+    monkeypatch: pytest.MonkeyPatch, handler_state: Any
+) -> None:
+    """Our own fresh pods start no pass; progress (Running) waits the longer settle, a failure the short one."""
+    finetune = handler_state
+    _, pods = _running_job_and_pods()
+    triggered: list[tuple[Hashable, float | None]] = []
+    monkeypatch.setattr(finetune.queue, "trigger", lambda key, delay=None: triggered.append((key, delay)))
+
+    def event(kind: str, pod: dict[str, Any], uid: str, phase: str) -> None:
+        body = pod | {"status": {"phase": phase}}
+        labels = body["metadata"]["labels"]
+        asyncio.run(finetune.pod_changed(type=kind, body=body, labels=labels, namespace="ns", uid=uid))
+
+    ours, theirs = pods
+    finetune.posted_pods.add(("ns", ours["metadata"]["name"]))
+    event("ADDED", ours, "u0", "Pending")
+    assert triggered == []
+    event("ADDED", theirs, "u1", "Pending")  # a pod another process created (e.g. before a restart)
+    event("MODIFIED", ours, "u0", "Running")
+    event("MODIFIED", theirs, "u1", "Failed")
+    key, config = ("ns", "ft"), finetune.config
+    progress, prompt = config.pod_progress_settle_seconds, config.pod_event_settle_seconds
+    assert triggered == [(key, progress), (key, progress), (key, prompt)]
+    assert prompt < progress
+    assert finetune.pod_versions.get(key) is None  # the bodies carry no resourceVersion
+
+
+def test_a_new_job_starts_from_its_watch_event_and_its_first_status_write_is_conditional(
+    monkeypatch: pytest.MonkeyPatch, handler_state: Any
+) -> None:
+    """No read before the first pods of a job never reconciled; if the job moved on meanwhile (409 on the
+    conditional status write), the next pass reads it afresh."""
+    from operator_factories import job_body
+    from telechat_operator.handlers import finetune
+
+    job = job_body(nodes=2, devicesPerNode=1)
+    job["metadata"]["resourceVersion"] = "41"
+    calls: list[str] = []
+    conflict = {"once": True}
+
+    def patch_status(namespace: str, name: str, patch: Any, expected_version: str | None = None) -> str:
+        calls.append(f"patch@{expected_version}")
+        if conflict.pop("once", False):
+            raise finetune.k8s.ApiError(409, "the object has been modified")
+        return "43"
+
+    def get_finetune(namespace: str, name: str) -> dict[str, Any]:
+        calls.append("get")
+        return job | {"metadata": {**job["metadata"], "resourceVersion": "42"}}
+
+    def list_pods(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        calls.append("list")
+        return []
+
+    monkeypatch.setattr(finetune.k8s, "get_finetune", get_finetune)
+    monkeypatch.setattr(finetune.k8s, "list_pods", list_pods)
+    monkeypatch.setattr(finetune.k8s, "create", lambda body: calls.append(f"create {body['kind']}") or True)
+    monkeypatch.setattr(finetune.k8s, "create_or_patch", lambda body, patch: calls.append("create ConfigMap"))
+    monkeypatch.setattr(finetune.k8s, "patch_finetune_status", patch_status)
+    monkeypatch.setattr(finetune.k8s, "post_event", lambda *args: None)
+    monkeypatch.setattr(finetune.queue, "trigger", lambda key, delay=None: None)
+    key = ("ns", "ft")
+    asyncio.run(finetune.finetune_changed(type="ADDED", body=job, name="ft", namespace="ns"))
+    assert finetune.reconcile_finetune(key) == 0.0  # conflict: go again at once
+    assert "get" not in calls and "list" not in calls
+    assert sorted(calls[:4]) == ["create ConfigMap", "create Pod", "create Pod", "create Service"]
+    assert calls[4] == "patch@41"
+    calls.clear()
+    finetune.reconcile_finetune(key)  # this time from a read of the job (and its pods)
+    assert "get" in calls and "list" in calls and calls[-1] == "patch@42"

@@ -17,6 +17,7 @@ from telechat_operator.status import (
     condition_is,
     invalid_spec_plan,
     reconcile,
+    rests_on_absence,
     to_timestamp,
 )
 
@@ -297,3 +298,22 @@ def test_pod_view_reads_the_exit_code_of_the_trainer_container() -> None:
     }
     view = PodView.from_body(body)
     assert (view.attempt, view.rank, view.exit_code, view.reason) == (2, 1, 137, "Error")
+
+
+def test_only_plans_set_off_by_a_missing_pod_need_a_consistent_read() -> None:
+    """A cached pod list may trail: creates, launches and successes rest on pods seen; deletes, restarts, merge
+    retries and failures are what a pod absent only from the cache could set off."""
+    running = running_status()
+    assert not rests_on_absence({}, run({}, []))  # a new job: creates only
+    assert not rests_on_absence(running, run(running, [worker(0), worker(1)]))
+    assert not rests_on_absence(running, run(running, [worker(0, phase="Succeeded"), worker(1, phase="Succeeded")]))
+    assert rests_on_absence(running, run(running, [worker(0)]))  # rank 1 missing: a restart
+    assert rests_on_absence(running, run(running, [worker(0), worker(1, phase="Failed", exit_code=1)]))
+    assert rests_on_absence(running, run(running, [worker(0), worker(1)], runPolicy={"suspend": True}))
+    merging = run(running, [worker(0, phase="Succeeded"), worker(1, phase="Succeeded")]).status
+    assert merging["state"] == c.STATE_MERGING
+    ranks_done = [worker(0, phase="Succeeded"), worker(1, phase="Succeeded")]
+    merge_missing = run(merging, ranks_done)
+    assert merge_missing.create_merge == 1 and not rests_on_absence(merging, merge_missing)  # create: 409-safe
+    merge_failed = run(merging, [*ranks_done, merge_pod(1, phase="Failed", exit_code=1)])
+    assert merge_failed.create_merge == 2 and rests_on_absence(merging, merge_failed)  # a retry counted

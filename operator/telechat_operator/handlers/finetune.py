@@ -1,11 +1,13 @@
 """TeleChatFinetune: thin kopf glue. Watch events trigger a keyed reconcile; the decisions live in `status.py`.
 
-One pass: read the job and its pods (fresh, from the API), decide (pure), then apply the plan in the order
-`apply_plan` documents: creates, status, deletes, Events.
+One pass: read the job (from the API) and its pods (from the apiserver's watch cache, see `pod_versions`), decide
+(pure), then apply the plan in the order `apply_plan` documents: creates, status, deletes, Events. A job never
+reconciled starts from its watch event instead (see `unstarted_jobs`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -25,7 +27,15 @@ from telechat_operator.builders.pods import build_merge_pod, build_rank_pod
 from telechat_operator.builders.service import build_service
 from telechat_operator.settings import OperatorConfig
 from telechat_operator.spec import FinetuneSpec, SpecError, parse
-from telechat_operator.status import Backoff, Plan, PodView, invalid_spec_plan, mark_launched, reconcile
+from telechat_operator.status import (
+    Backoff,
+    Plan,
+    PodView,
+    invalid_spec_plan,
+    mark_launched,
+    reconcile,
+    rests_on_absence,
+)
 from telechat_operator.workqueue import WorkQueue
 
 logger = logging.getLogger(__name__)
@@ -45,6 +55,9 @@ def trace(key: Hashable, step: str) -> None:
 states = metrics.StateTracker(KIND)
 # Shared by all passes: concurrent API calls within one pass (the job and its pods; a group's pods).
 io_pool = ThreadPoolExecutor(max_workers=config.create_workers, thread_name_prefix="finetune-io")
+# Events go out one at a time on their own thread, like client-go's event broadcaster: best effort and never ahead
+# of (or crowding) the API calls that start pods.
+event_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finetune-events")
 
 
 def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -64,23 +77,36 @@ def reconcile_finetune(key: Hashable) -> float | None:
     namespace, name = key  # type: ignore[misc]
     trace(key, "pass-start")
     with metrics.RECONCILE_SECONDS.labels(kind=KIND).time():
-        pods = io_pool.submit(k8s.list_pods, namespace, {c.LABEL_JOB_NAME: name, c.LABEL_OWNER_KIND: KIND})
-        job = k8s.get_finetune(namespace, name)
-        trace(key, "job-read")
+        selector = {c.LABEL_JOB_NAME: name, c.LABEL_OWNER_KIND: KIND}
+        job = unstarted_jobs.pop(key, None)
+        if job is not None:  # never reconciled: start it from its watch event (see unstarted_jobs)
+            pod_bodies: list[dict[str, Any]] = []
+        else:
+            seen = pod_versions.get(key)
+            pods = io_pool.submit(
+                k8s.list_pods, namespace, selector, from_cache=True, not_older_than=str(seen) if seen else None
+            )
+            job = k8s.get_finetune(namespace, name)
+            trace(key, "job-read")
+            pod_bodies = pods.result()
         if job is None or job["metadata"].get("deletionTimestamp"):
             # Gone or going (owner references let the garbage collector remove the children): nothing to start.
             states.observe(key, None)
             return None
         old_status = job.get("status") or {}
-        pod_bodies = pods.result()
         trace(key, "pods-listed")
         spec, plan = decide(job, old_status, pod_bodies)
+        if spec is not None and rests_on_absence(old_status, plan):  # the cache may trail: decide on a fresh list
+            spec, plan = decide(job, old_status, k8s.list_pods(namespace, selector))
         trace(key, "decided")
         defer_count_only_update(key, old_status, plan)
         try:
             if apply_plan(job, spec, old_status, plan):
                 last_status_write[key] = time.monotonic()
         except k8s.ApiError as err:
+            if err.status == 409:  # started from a watch event the job has since moved past: read it and go again
+                logger.info("%s/%s: changed while starting; reconciling again", namespace, name)
+                return 0.0
             if job_going(err, namespace, name):
                 logger.info("%s/%s: the job or its namespace is being deleted: %s", namespace, name, err.message)
                 return None
@@ -132,6 +158,30 @@ def is_own_echo(key: Hashable, body: Mapping[str, Any]) -> bool:
     return written == (int(meta.get("generation", 0)), body.get("status") or {})
 
 
+# Jobs this operator has never written a status for, as their latest watch event showed them. The first pass
+# starts from that body without reading the job or its pods: with no status every decision is a create (409 if the
+# pod exists, e.g. from a process that died before writing the status), and the status write is conditional on the
+# job's resourceVersion, so a job that changed meanwhile is simply reconciled again from a fresh read. This is the
+# pass whose latency a user waiting for pods sees.
+unstarted_jobs: dict[Hashable, dict[str, Any]] = {}
+
+
+# The newest resourceVersion seen on each job's pods, from their watch events. A pass reads the job's pods from the
+# apiserver's watch cache, at least this new: it shows every pod change that triggered the pass, and costs no wait
+# for etcd (see k8s.list_pods). The cache may trail writes not yet seen; `rests_on_absence` says which decisions that
+# could mislead, and those are taken again on a consistent read. (Informer-based controllers read only a cache.)
+pod_versions: dict[Hashable, int] = {}
+
+
+def note_pod_version(key: Hashable, body: Mapping[str, Any]) -> None:
+    try:
+        version = int(body["metadata"]["resourceVersion"])
+    except (KeyError, TypeError, ValueError):
+        return  # not an etcd revision: reads fall back to "any cached state", still confirmed as above
+    if version > pod_versions.get(key, 0):
+        pod_versions[key] = version
+
+
 # When each job's status was last written: pod-count-only updates are batched (see defer_count_only_update).
 last_status_write: dict[Hashable, float] = {}
 
@@ -175,7 +225,10 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
         key = (meta["namespace"], meta["name"])
         own_status_writes[key] = (int(meta.get("generation", 0)), json_copy(plan.status))
         try:
-            k8s.patch_finetune_status(meta["namespace"], meta["name"], patch)
+            # With no status yet, the pass may have started from a watch event rather than a read: the write holds
+            # only if the job is still the version decided on (409 otherwise). Later writes need no precondition.
+            version = None if old_status else meta.get("resourceVersion")
+            k8s.patch_finetune_status(meta["namespace"], meta["name"], patch, expected_version=version)
         except Exception:
             own_status_writes.pop(key, None)  # not written: an event with this status is not our echo
             raise
@@ -184,7 +237,7 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
     for pod_name in plan.delete_pods:
         k8s.delete_pod(meta["namespace"], pod_name)
     for event in plan.events:  # best effort and off the pass's path: the status already says it all
-        posted = io_pool.submit(k8s.post_event, KIND, job, event.type, event.reason, event.message)
+        posted = event_pool.submit(k8s.post_event, KIND, job, event.type, event.reason, event.message)
         posted.add_done_callback(log_failure)
     if patch or plan.create_ranks or plan.create_merge or plan.delete_pods:
         logger.info(
@@ -208,8 +261,8 @@ def json_copy(value: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def create_children(spec: FinetuneSpec, plan: Plan) -> bool:
-    """The pods first, all at once; then the ConfigMap (rendering it takes tens of milliseconds of CPU) and the
-    Service, which a pod needs only once its container starts (the kubelet waits for its volumes).
+    """The pods first, all at once, then (with the first group) the ConfigMap and Service: a pod needs those only
+    once its container starts (the kubelet waits for its volumes), and meanwhile the scheduler can place it.
 
     Returns True when every rank pod asked for was newly created (201s, no 409)."""
     attempt = int(plan.status["attempt"])
@@ -221,6 +274,7 @@ def create_children(spec: FinetuneSpec, plan: Plan) -> bool:
         pods.append(build_merge_pod(spec, plan.create_merge))
     key = (spec.namespace, spec.name)
     trace(key, "pods-built")
+    posted_pods.update((spec.namespace, pod["metadata"]["name"]) for pod in pods)  # before: events can beat replies
     created = run_all([lambda pod=pod: k8s.create(pod) for pod in pods])
     trace(key, "pods-posted")
     if plan.ensure_children:
@@ -264,11 +318,17 @@ async def finetune_changed(type: str | None, body: Mapping[str, Any], name: str,
     key = (namespace, name)
     trace(key, f"watch-{type}")
     if type == "DELETED":
+        unstarted_jobs.pop(key, None)
+        pod_versions.pop(key, None)
         own_status_writes.pop(key, None)
         queue.forget((namespace, name))
         last_status_write.pop((namespace, name), None)
         states.observe((namespace, name), None)
         return
+    if not body.get("status") and key not in own_status_writes:
+        unstarted_jobs[key] = copy.deepcopy(dict(body))
+    else:
+        unstarted_jobs.pop(key, None)
     if is_own_echo(key, body):
         return  # the echo of our own status write: the pass that wrote it already acted on that state
     queue.trigger(key)
@@ -277,12 +337,18 @@ async def finetune_changed(type: str | None, body: Mapping[str, Any], name: str,
 # Last (phase, deleting) seen per pod: most pod updates (binding, IPs, conditions) change nothing a job decides
 # on, and skipping them keeps a 64-pod ramp from turning into hundreds of reconcile passes.
 pod_facts: dict[str, tuple[str | None, bool]] = {}
+# (namespace, name) of pods being posted by this process; their first event (ADDED, Pending) starts no pass.
+posted_pods: set[tuple[str, str]] = set()
 
 
 @kopf.on.event("v1", "pods", labels={c.LABEL_OWNER_KIND: KIND, c.LABEL_JOB_NAME: kopf.PRESENT})
 async def pod_changed(
     type: str | None, body: Mapping[str, Any], labels: Mapping[str, str], namespace: str, uid: str, **_: Any
 ) -> None:
+    key = (namespace, labels[c.LABEL_JOB_NAME])
+    note_pod_version(key, body)
+    ours = (namespace, body["metadata"]["name"]) in posted_pods
+    posted_pods.discard((namespace, body["metadata"]["name"]))
     if type == "DELETED":
         pod_facts.pop(uid, None)
     else:
@@ -290,5 +356,10 @@ async def pod_changed(
         if pod_facts.get(uid) == facts:
             return
         pod_facts[uid] = facts
-    # A group's pods change together: a short settle turns a burst of their events into one pass.
-    queue.trigger((namespace, labels[c.LABEL_JOB_NAME]), delay=config.pod_event_settle_seconds)
+        if type == "ADDED" and ours and facts == ("Pending", False):
+            return  # a pod this operator just created, as created: the pass that posted it knows
+    # A group's pods change together: a settle turns a burst of their events into one pass. Failures, deletions and
+    # ends are acted on after the short one; pods that only progressed wait the longer one (an earlier timer wins).
+    progressed = type != "DELETED" and pod_facts.get(uid) in (("Pending", False), ("Running", False))
+    settle = config.pod_progress_settle_seconds if progressed else config.pod_event_settle_seconds
+    queue.trigger(key, delay=settle)
