@@ -76,22 +76,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"checkpoint {path} does not exist")
 
 
-def load_checkpoint_into(model, checkpoint: str | Path) -> Path:
-    """Load a full checkpoint into `model`, refusing missing, unknown or mis-shaped parameters (all named)."""
-    import mindspore as ms
-
-    path = resolve_checkpoint(checkpoint)
-    try:
-        saved = ms.load_checkpoint(str(path))
-    except Exception as exc:  # MindSpore raises ValueError/RuntimeError for corrupt files
-        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
-    expected = dict(model.parameters_and_names())
+def check_checkpoint_matches(
+    path: Path, saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]
+) -> None:
+    """Refuse a checkpoint whose model parameters (names and shapes) are not exactly the model's, naming them all."""
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(n for n in saved if n.startswith(_MODEL_PREFIXES) and n not in expected)
     mis_shaped = [
-        f"{name} {tuple(saved[name].shape)} != {tuple(param.shape)}"
-        for name, param in expected.items()
-        if name in saved and tuple(saved[name].shape) != tuple(param.shape)
+        f"{name} {saved[name]} != {shape}" for name, shape in expected.items() if name in saved and saved[name] != shape
     ]
     problems = []
     for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
@@ -102,6 +94,21 @@ def load_checkpoint_into(model, checkpoint: str | Path) -> Path:
         problems.append("the attention layouts differ: set model_config.qkv_concat to the checkpoint's layout")
     if problems:
         raise ValueError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
+
+
+def load_checkpoint_into(model, checkpoint: str | Path) -> Path:
+    """Load a full checkpoint into `model`, refusing missing, unknown or mis-shaped parameters (all named)."""
+    import mindspore as ms
+
+    path = resolve_checkpoint(checkpoint)
+    try:
+        saved = ms.load_checkpoint(str(path))
+    except Exception as exc:  # MindSpore raises ValueError/RuntimeError for corrupt files
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+    expected = dict(model.parameters_and_names())
+    check_checkpoint_matches(
+        path, {n: tuple(t.shape) for n, t in saved.items()}, {n: tuple(p.shape) for n, p in expected.items()}
+    )
     params = {name: _as_dtype(saved[name], param.dtype, name) for name, param in expected.items()}
     not_loaded, _ = ms.load_param_into_net(model, params, strict_load=True)
     if not_loaded:

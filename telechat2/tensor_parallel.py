@@ -450,7 +450,7 @@ def load_sharded_checkpoint(model: Any, checkpoint: str | Path, tp: TensorParall
     state is ignored); missing, unexpected and mis-shaped tensors are refused, all named. Tensors are read one at
     a time with `CkptReader`, and row splits read only this rank's rows.
     """
-    from telechat2.predict import _MODEL_PREFIXES, resolve_checkpoint
+    from telechat2.predict import check_checkpoint_matches, resolve_checkpoint
     from telechat2.weights import ms_shapes
 
     config: TeleChat2Config = model.architecture
@@ -463,23 +463,7 @@ def load_sharded_checkpoint(model: Any, checkpoint: str | Path, tp: TensorParall
     params = dict(model.parameters_and_names())
     if set(params) != set(expected):  # guards this module against a layout change in modeling / weights
         raise AssertionError(f"tensor-parallel model and weights.ms_shapes disagree: {set(params) ^ set(expected)}")
-    saved = reader.entries
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(n for n in saved if n.startswith(_MODEL_PREFIXES) and n not in expected)
-    mis_shaped = [
-        f"{name} {tuple(saved[name].shape)} != {shape}"
-        for name, shape in expected.items()
-        if name in saved and tuple(saved[name].shape) != shape
-    ]
-    problems = []
-    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
-        if names:
-            shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
-            problems.append(f"{label}: {shown}")
-    if any("w_qkv" in name for name in missing + unexpected):
-        problems.append("the attention layouts differ: set model_config.qkv_concat to the checkpoint's layout")
-    if problems:
-        raise ValueError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
+    check_checkpoint_matches(path, {n: tuple(e.shape) for n, e in reader.entries.items()}, expected)
     for name, param in params.items():
         shard = shard_of(name, expected[name], config, tp.size)
         local = read_shard(reader, name, shard, tp.rank, tp.size)
