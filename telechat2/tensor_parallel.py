@@ -329,16 +329,8 @@ class TensorParallelMLP(TeleChat2MLP):
     """SwiGLU on this rank's share of the FFN width; w2 row-parallel."""
 
     def __init__(self, config: TeleChat2Config, tp: TensorParallel) -> None:
-        nn.Cell.__init__(self)
-        hidden, ffn = config.hidden_size, config.intermediate_size // tp.size
-        self.ffn = ffn
-        self.qkv_concat = config.qkv_concat
-        if self.qkv_concat:
-            self.w_gate_hidden = TeleChat2Linear(hidden, 2 * ffn, False, config)
-        else:
-            self.w1 = TeleChat2Linear(hidden, ffn, False, config)
-            self.w3 = TeleChat2Linear(hidden, ffn, False, config)
-        self.w2 = RowParallelLinear(ffn, hidden, True, config)
+        super().__init__(dataclasses.replace(config, intermediate_size=config.intermediate_size // tp.size))
+        self.w2 = RowParallelLinear(self.ffn, config.hidden_size, True, config)
 
 
 class TensorParallelExperts(TeleChat2Experts):
