@@ -1,4 +1,4 @@
-"""`python -m tests.cluster {build,up,down,status}`: the local cluster by hand (run from the repo root)."""
+"""`python -m tests.cluster {build,images,up,down,status}`: the local cluster by hand (run from the repo root)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,21 @@ def _build(args: argparse.Namespace) -> int:
     for name, path in binaries.items():
         print(f"{name}: {path}")
     _log(f"build: done in {time.monotonic() - started:.1f}s")
+    return 0
+
+
+def _images(args: argparse.Namespace) -> int:
+    from tests.cluster import images
+
+    started = time.monotonic()
+    names = args.only.split(",") if args.only else list(images.IMAGE_NAMES)
+    refs = images.ensure_images(names, log=_log)
+    for address in args.import_into or []:
+        images.import_images(address, refs, snapshotter=args.snapshotter, log=_log)
+    for name, ref in refs.items():
+        info = images.image_info(ref)
+        print(f"{name}: {ref.ref} {ref.archive} ({info['bytes'] / 2**20:.0f} MiB)")
+    _log(f"images: done in {time.monotonic() - started:.1f}s")
     return 0
 
 
@@ -83,12 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.cluster", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("build", help="build (or find cached) etcd, Kubernetes, kwok and helm binaries")
+    images = commands.add_parser("images", help="build (or find cached) the base, pause, operator and runtime images")
+    images.add_argument("--only", default="", help="comma-separated subset of base,pause,operator,runtime")
+    images.add_argument(
+        "--import", dest="import_into", action="append", metavar="SOCKET", help="also load them into this containerd"
+    )
+    images.add_argument("--snapshotter", default=None, help="containerd snapshotter for --import (default: its own)")
     up = commands.add_parser("up", help="start the cluster detached and print the KUBECONFIG to export")
     up.add_argument("--nodes", type=int, default=4, help="number of fake Ascend nodes (default 4)")
     for command in (up, commands.add_parser("down", help="stop it"), commands.add_parser("status", help="show it")):
         command.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="default: .cluster/ in the repo")
     args = parser.parse_args(argv)
-    handler = {"build": _build, "up": _up, "down": _down, "status": _status}[args.command]
+    handler = {"build": _build, "images": _images, "up": _up, "down": _down, "status": _status}[args.command]
     try:
         return handler(args)
     except ClusterError as error:
