@@ -46,7 +46,10 @@ IMAGE_NAMES = ("base", "pause", "operator", "runtime")
 BASE_REPOSITORY = "localhost/telechat-base"
 BASE_SUITE = "bookworm"
 BASE_MIRROR = "http://deb.debian.org/debian"
-BASE_PACKAGES = ("ca-certificates", "passwd", "python3", "python3-pip", "python3-venv")
+# No python3-pip: the images install into virtual environments, whose pip comes from python3-venv's bundled wheel.
+BASE_PACKAGES = ("ca-certificates", "passwd", "python3", "python3-venv")
+# Merged /usr set up by mmdebstrap's hook instead of the usrmerge package (which would pull in all of Perl).
+BASE_HOOKS = ("/usr/share/mmdebstrap/hooks/merged-usr",)
 # Documentation, manual pages and translations are dropped while unpacking: about a third of a minbase.
 BASE_DPKG_OPTIONS = (
     "path-exclude=/usr/share/doc/*",
@@ -246,6 +249,7 @@ def mmdebstrap_command(output: Path) -> list[str]:
     command.append("--include=" + ",".join(sorted(BASE_PACKAGES)))
     command += [f"--dpkgopt={option}" for option in BASE_DPKG_OPTIONS]
     command += ["--aptopt=APT::Install-Recommends false"]
+    command += [f"--hook-dir={hook}" for hook in BASE_HOOKS]
     return [*command, BASE_SUITE, str(output), BASE_MIRROR]
 
 
