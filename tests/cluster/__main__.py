@@ -33,6 +33,7 @@ def _images(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     names = args.only.split(",") if args.only else list(images.IMAGE_NAMES)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # an interrupted build still removes its scratch files
     refs = images.ensure_images(names, log=_log)
     for address in args.import_into or []:
         images.import_images(address, refs, snapshotter=args.snapshotter, log=_log)

@@ -279,7 +279,25 @@ class Buildah:
         return {**os.environ, "TMPDIR": str(self.storage / "tmp"), "BUILDAH_ISOLATION": "chroot"}
 
 
-def bud_command(buildah: Buildah, image: DockerfileImage, base_ref: str, ref: str, context: Path) -> list[str]:
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+def build_volumes(ca_bundle: Path | None) -> list[str]:
+    """Read-only mounts for the RUN steps: the host's CA bundle over the image's, during the build only (this machine
+    reaches PyPI through a TLS proxy with a CA of its own; Debian's pip trusts the system bundle). It changes how
+    pip reaches PyPI, not what it installs, so it is not part of the key; the path exists in the image already, so
+    no empty mount point is left behind."""
+    return [] if ca_bundle is None else [f"{ca_bundle}:{HOST_CA_BUNDLE}:ro"]
+
+
+def bud_command(
+    buildah: Buildah,
+    image: DockerfileImage,
+    base_ref: str,
+    ref: str,
+    context: Path,
+    volumes: Sequence[str] = (),
+) -> list[str]:
     """`buildah bud` of one Dockerfile image: chroot isolation and the host network (pip reaches PyPI; no bridge, no
     iptables), never pulling (the base is local), docker format (an archive containerd imports as is)."""
     return buildah.command(
@@ -288,6 +306,7 @@ def bud_command(buildah: Buildah, image: DockerfileImage, base_ref: str, ref: st
         "--network=host",
         "--pull=never",
         "--format=docker",
+        *(f"--volume={volume}" for volume in volumes),
         f"--build-arg={image.base_arg}={base_ref}",
         f"--file={context / image.dockerfile}",
         f"--tag={ref}",
@@ -466,6 +485,15 @@ class _Builder:
         self.run = run
         self.log = log
         self.logs = root / "logs"
+        self.scratch = root / "images" / ".tmp"
+
+    def clear_scratch(self) -> None:
+        """Remove what a killed build left (root file systems, staged contexts, half-pushed archives); only called
+        with the cache lock held, so no other build is using them."""
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        for stale in (self.root / "images").glob(".*.tar.tmp-*"):
+            stale.unlink(missing_ok=True)
+        self.scratch.mkdir(parents=True)
 
     def _bah(self, log_path: Path, *args: str) -> str:
         return self.run(self.buildah.command(*args), log_path, self.buildah.env(), None)
@@ -522,7 +550,7 @@ class _Builder:
         log_path = self.logs / "images-base.log"
         self.log(f"images: building {ref.ref} with mmdebstrap from {BASE_MIRROR} (log: {log_path})")
         started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="base-", dir=self.root / "images") as scratch:
+        with tempfile.TemporaryDirectory(prefix="base-", dir=self.scratch) as scratch:
             rootfs = Path(scratch) / "rootfs.tar"
             self.run(mmdebstrap_command(rootfs), log_path, None, None)
             self.from_scratch(
@@ -537,7 +565,7 @@ class _Builder:
         log_path = self.logs / "images-pause.log"
         self.log(f"images: building {ref.ref} from {PAUSE_SOURCE.relative_to(REPO)} (log: {log_path})")
         started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="pause-", dir=self.root / "images") as scratch:
+        with tempfile.TemporaryDirectory(prefix="pause-", dir=self.scratch) as scratch:
             binary = Path(scratch) / "pause"
             self.run(pause_compile_command(PAUSE_SOURCE, binary), log_path, None, None)
             self.from_scratch(
@@ -555,7 +583,7 @@ class _Builder:
         self.log(f"images: building {ref.ref} from {image.dockerfile} on {base.ref} (log: {log_path})")
         started = time.monotonic()
         self.ensure_in_storage(base)
-        with tempfile.TemporaryDirectory(prefix=f"{planned.name}-", dir=self.root / "images") as scratch:
+        with tempfile.TemporaryDirectory(prefix=f"{planned.name}-", dir=self.scratch) as scratch:
             # Build from a copy of exactly the hashed files: the key always describes what went into the image.
             context = Path(scratch) / "context"
             for path, content in planned.context:
@@ -568,7 +596,9 @@ class _Builder:
             dockerignore = repo / ".dockerignore"
             if dockerignore.exists():
                 shutil.copyfile(dockerignore, context / ".dockerignore")
-            self.run(bud_command(self.buildah, image, base.ref, ref.ref, context), log_path, self.buildah.env(), None)
+            ca_bundle = HOST_CA_BUNDLE if HOST_CA_BUNDLE.is_file() else None
+            command = bud_command(self.buildah, image, base.ref, ref.ref, context, build_volumes(ca_bundle))
+            self.run(command, log_path, self.buildah.env(), None)
         self._export(ref, log_path, started)
 
 
@@ -601,6 +631,7 @@ def ensure_images(
         (buildah.storage / "tmp").mkdir(parents=True, exist_ok=True)
         builder = _Builder(root, buildah, _runner(recorder), log)
         with _locked(root / "images" / ".lock"):
+            builder.clear_scratch()
             for planned in missing:  # plan order: base and pause before the Dockerfile images
                 if is_cached(planned.ref):  # another process built it while we waited for the lock
                     continue

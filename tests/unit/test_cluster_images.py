@@ -193,6 +193,12 @@ def test_bud_command_builds_offline_from_the_local_base(tmp_path: Path) -> None:
     assert "--tag=localhost/telechat-runtime:def" in command
     assert command[-1] == str(tmp_path)
     assert buildah.env()["TMPDIR"] == str(tmp_path / "storage" / "tmp")
+    volumes = images.build_volumes(Path("/host/ca.crt"))
+    assert volumes == ["/host/ca.crt:/etc/ssl/certs/ca-certificates.crt:ro"]
+    with_ca = images.bud_command(buildah, image, "b:1", "r:1", tmp_path, volumes)
+    assert "--volume=/host/ca.crt:/etc/ssl/certs/ca-certificates.crt:ro" in with_ca
+    assert with_ca.index("--volume=/host/ca.crt:/etc/ssl/certs/ca-certificates.crt:ro") < with_ca.index("--tag=r:1")
+    assert images.build_volumes(None) == []
 
 
 def test_ctr_commands_use_the_given_socket_and_namespace() -> None:
@@ -293,7 +299,17 @@ def test_a_failed_build_leaves_no_archive(monkeypatch: pytest.MonkeyPatch, tmp_p
     with pytest.raises(ClusterError, match="push failed"):
         images.ensure_images(["base"], root=tmp_path, install_packages=False)
     assert list((tmp_path / "images").glob("*.tar")) == []
-    assert [p.name for p in (tmp_path / "images").iterdir() if not p.name.startswith(".lock")] == []
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [".lock", ".tmp"]
+    assert list((tmp_path / "images" / ".tmp").iterdir()) == []
+
+
+def test_a_build_first_removes_what_a_killed_build_left(fake: FakeRunner, tmp_path: Path) -> None:
+    stale_dir = tmp_path / "images" / ".tmp" / "runtime-abc" / "context"
+    stale_dir.mkdir(parents=True)
+    stale_push = tmp_path / "images" / ".runtime-0123.tar.tmp-999"
+    stale_push.write_bytes(b"half")
+    images.ensure_images(["pause"], root=tmp_path, install_packages=False)
+    assert not stale_dir.parent.exists() and not stale_push.exists()
 
 
 def test_import_skips_images_containerd_already_holds(fake: FakeRunner, tmp_path: Path) -> None:
