@@ -344,23 +344,34 @@ def _runner(recorder: Recorder | None) -> Runner:
         with log_path.open("a") as log_file:
             log_file.write(f"$ {' '.join(command)}\n")
             log_file.flush()
+            captured: list[str] = []
             try:
-                result = subprocess.run(
+                # Streamed line by line into the log (a build runs for minutes) and kept for the caller.
+                with subprocess.Popen(
                     command,
                     cwd=cwd,
                     env=dict(env) if env else None,
                     stdout=subprocess.PIPE,
                     stderr=log_file,
                     text=True,
-                    check=False,
-                )
+                    errors="replace",
+                ) as process:
+                    assert process.stdout is not None
+                    try:
+                        for line in process.stdout:
+                            captured.append(line)
+                            log_file.write(line)
+                            log_file.flush()
+                    except BaseException:  # interrupted: never leave a build running behind us
+                        process.kill()
+                        raise
+                    returncode = process.wait()
             except FileNotFoundError as error:
                 raise ClusterError(Path(command[0]).name, f"not installed ({error})", log_path) from None
-            log_file.write(result.stdout[-4000:])
-        if result.returncode != 0:
-            problem = f"`{' '.join(command[:6])}...` failed with exit code {result.returncode}"
+        if returncode != 0:
+            problem = f"`{' '.join(command[:6])}...` failed with exit code {returncode}"
             raise ClusterError(Path(command[0]).name, problem, log_path, tail(log_path, 10))
-        return result.stdout
+        return "".join(captured)
 
     return run
 
