@@ -47,7 +47,8 @@ BASE_REPOSITORY = "localhost/telechat-base"
 BASE_SUITE = "bookworm"
 BASE_MIRROR = "http://deb.debian.org/debian"
 # No python3-pip: the images install into virtual environments, whose pip comes from python3-venv's bundled wheel.
-BASE_PACKAGES = ("ca-certificates", "passwd", "python3", "python3-venv")
+# libgomp1: MindSpore's libraries link OpenMP's runtime (the CANN image has it; a minbase has not).
+BASE_PACKAGES = ("ca-certificates", "libgomp1", "passwd", "python3", "python3-venv")
 # Merged /usr set up by mmdebstrap's hook instead of the usrmerge package (which would pull in all of Perl).
 BASE_HOOKS = ("/usr/share/mmdebstrap/hooks/merged-usr",)
 # Documentation, manual pages and translations are dropped while unpacking: about a third of a minbase.
