@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -356,6 +357,7 @@ def _runner(recorder: Recorder | None) -> Runner:
                     stderr=log_file,
                     text=True,
                     errors="replace",
+                    start_new_session=True,  # its own process group: an interruption stops all of it
                 ) as process:
                     assert process.stdout is not None
                     try:
@@ -364,7 +366,7 @@ def _runner(recorder: Recorder | None) -> Runner:
                             log_file.write(line)
                             log_file.flush()
                     except BaseException:  # interrupted: never leave a build running behind us
-                        process.kill()
+                        _stop_group(process)
                         raise
                     returncode = process.wait()
             except FileNotFoundError as error:
@@ -375,6 +377,18 @@ def _runner(recorder: Recorder | None) -> Runner:
         return "".join(captured)
 
     return run
+
+
+def _stop_group(process: subprocess.Popen[str], grace: float = 30) -> None:
+    """SIGTERM the command's process group (mmdebstrap and buildah then unmount what they mounted), SIGKILL what
+    is left after `grace` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def _installed(package: str) -> bool:

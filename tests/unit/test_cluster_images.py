@@ -5,7 +5,10 @@ local image. The real build is tests/unit/test_cluster_images_build.py (marked s
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -416,3 +419,28 @@ def test_the_chart_renders_the_local_image(tmp_path: Path) -> None:
     assert pod["nodeSelector"] == {
         "kubernetes.io/arch": images.operator_chart_values("a:b")["nodeSelector"]["kubernetes.io/arch"]
     }
+
+
+def test_an_interrupted_command_stops_its_whole_process_group(tmp_path: Path) -> None:
+    """A KeyboardInterrupt (SIGTERM of `python -m tests.cluster images`) must not leave mmdebstrap running."""
+    pid_file = tmp_path / "child.pid"
+    script = f"sleep 300 & echo $! > {pid_file}; echo started; wait"
+
+    run = images._runner(None)
+
+    def interrupt_when_started() -> None:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.Thread(target=interrupt_when_started, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run(["sh", "-c", script], tmp_path / "x.log")
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child}").exists() and Path(f"/proc/{child}/stat").read_text().split()[2] != "Z":
+        assert time.monotonic() < deadline, "the command's child survived the interruption"
+        time.sleep(0.1)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +121,64 @@ def test_a_second_ensure_images_builds_nothing(built: dict, capsys: pytest.Captu
             f"\nwarm ensure_images(): {seconds:.2f}s; archives (MiB): "
             + ", ".join(f"{name} {size / 2**20:.0f}" for name, size in sizes.items())
         )
+
+
+@pytest.fixture
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private containerd (own root, state and socket; CRI off), stopped at the end."""
+    images.ensure_debian_packages(["containerd"])
+    # A short path: the socket path must fit in sockaddr_un.
+    home = Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp"))
+    socket = home / "containerd.sock"
+    config = home / "config.toml"
+    config.write_text(
+        "version = 2\n"
+        f'root = "{home / "root"}"\nstate = "{home / "state"}"\n'
+        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        f'[grpc]\n  address = "{socket}"\n[ttrpc]\n  address = "{home / "ttrpc.sock"}"\n'
+        f'[debug]\n  address = "{home / "debug.sock"}"\n'
+    )
+    log = (home / "containerd.log").open("wb")
+    process = subprocess.Popen(
+        ["containerd", f"--config={config}"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not socket.exists():
+            assert process.poll() is None, (home / "containerd.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "containerd did not create its socket within 60s"
+            time.sleep(0.2)
+        yield str(socket)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        subprocess.run(["umount", "--recursive", "--lazy", str(home / "state")], capture_output=True, check=False)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_import_into_containerd_once_and_run_the_pause_sandbox(built: dict, containerd: str) -> None:
+    small = [built["pause"], built["base"]]
+    assert images.import_images(containerd, small) == small
+    ctr = ["ctr", f"--address={containerd}", "--namespace=k8s.io"]
+    listed = subprocess.run([*ctr, "images", "ls", "-q"], capture_output=True, text=True, check=True).stdout.split()
+    assert {"localhost/pause:3.10", built["base"].ref} <= set(listed)
+    assert images.import_images(containerd, small) == [], "already present with the same content: nothing imported"
+
+    # The sandbox image runs under runc and stops on SIGTERM with status 0.
+    subprocess.run([*ctr, "run", "--detach", "localhost/pause:3.10", "sandbox"], check=True, timeout=120)
+    try:
+        tasks = subprocess.run([*ctr, "tasks", "ls"], capture_output=True, text=True, check=True).stdout
+        assert "sandbox" in tasks and "RUNNING" in tasks
+        subprocess.run([*ctr, "tasks", "kill", "--signal=SIGTERM", "sandbox"], check=True)
+        deadline = time.monotonic() + 30
+        while "STOPPED" not in subprocess.run([*ctr, "tasks", "ls"], capture_output=True, text=True).stdout:
+            assert time.monotonic() < deadline, "pause did not stop on SIGTERM"
+            time.sleep(0.2)
+    finally:
+        subprocess.run([*ctr, "tasks", "delete", "--force", "sandbox"], capture_output=True, check=False)
+        subprocess.run([*ctr, "containers", "delete", "sandbox"], capture_output=True, check=False)
