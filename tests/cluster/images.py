@@ -3,9 +3,9 @@
 Four images, each exported as a docker archive under `<cache>/images/` and named by a content hash of its inputs,
 so a second run finds them and builds nothing:
 
-- `base`: a Debian bookworm root file system with Python 3.11 (pip, venv, CA certificates) made by mmdebstrap from
-  the Debian mirror and imported with `buildah from scratch` + `buildah add`; it stands in for both public base
-  images (python:3.11-slim-bookworm for the operator, the CANN image for the runtime: CPU stands in for the NPU).
+- `base`: a Debian bookworm root file system with Python 3.11 (venv with its pip, CA certificates) made by
+  mmdebstrap from the Debian mirror and imported with `buildah from scratch` + `buildah add`; it stands in for both
+  public base images (python:3.11-slim-bookworm for the operator, the CANN image for the runtime: CPU stands in for the NPU).
 - `pause`: the pod sandbox image containerd's `sandbox_image` points at (registry.k8s.io cannot be pulled), a
   static binary compiled here from images/pause/pause.c.
 - `operator` and `runtime`: images/operator/Dockerfile and images/runtime/Dockerfile built by rootful buildah with
@@ -52,7 +52,7 @@ BASE_MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = ("ca-certificates", "libgomp1", "passwd", "python3", "python3-venv")
 # Merged /usr set up by mmdebstrap's hook instead of the usrmerge package (which would pull in all of Perl).
 BASE_HOOKS = ("/usr/share/mmdebstrap/hooks/merged-usr",)
-# Documentation, manual pages and translations are dropped while unpacking: about a third of a minbase.
+# Documentation (but the copyright files), manual pages and translations are dropped while unpacking.
 BASE_DPKG_OPTIONS = (
     "path-exclude=/usr/share/doc/*",
     "path-include=/usr/share/doc/*/copyright",
@@ -648,6 +648,8 @@ def ensure_images(
     log = log or _stderr
     root = root or cache_root()
     names = list(names)
+    if install_packages and "pause" in names and shutil.which("gcc") is None:
+        ensure_debian_packages(log=log)  # the pause image's key names the compiler's version
     plan = plan_images(root, repo, names)
     missing = [planned for planned in plan.values() if not is_cached(planned.ref)]
     if missing:
