@@ -5,7 +5,8 @@ so a second run finds them and builds nothing:
 
 - `base`: a Debian bookworm root file system with Python 3.11 (venv with its pip, CA certificates) made by
   mmdebstrap from the Debian mirror and imported with `buildah from scratch` + `buildah add`; it stands in for both
-  public base images (python:3.11-slim-bookworm for the operator, the CANN image for the runtime: CPU stands in for the NPU).
+  public base images (python:3.11-slim-bookworm for the operator, the CANN image for the runtime: CPU stands in
+  for the NPU).
 - `pause`: the pod sandbox image containerd's `sandbox_image` points at (registry.k8s.io cannot be pulled), a
   static binary compiled here from images/pause/pause.c.
 - `operator` and `runtime`: images/operator/Dockerfile and images/runtime/Dockerfile built by rootful buildah with
