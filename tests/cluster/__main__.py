@@ -35,6 +35,8 @@ def _images(args: argparse.Namespace) -> int:
     names = args.only.split(",") if args.only else list(images.IMAGE_NAMES)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # an interrupted build still removes its scratch files
     refs = images.ensure_images(names, log=_log)
+    if args.prune:
+        images.prune_archives(refs, log=_log)
     for address in args.import_into or []:
         images.import_images(address, refs, snapshotter=args.snapshotter, log=_log)
     for name, ref in refs.items():
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     images.add_argument(
         "--import", dest="import_into", action="append", metavar="SOCKET", help="also load them into this containerd"
     )
+    images.add_argument("--prune", action="store_true", help="delete cached archives other than the current ones")
     images.add_argument("--snapshotter", default=None, help="containerd snapshotter for --import (default: its own)")
     up = commands.add_parser("up", help="start the cluster detached and print the KUBECONFIG to export")
     up.add_argument("--nodes", type=int, default=4, help="number of fake Ascend nodes (default 4)")

@@ -545,6 +545,17 @@ class _Builder:
         }
         ref.archive.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
         self.log(f"images: {ref.ref} built in {info['build_seconds']:.0f}s ({info['bytes'] / 2**20:.0f} MiB archive)")
+        self._drop_older(ref, log_path)
+
+    def _drop_older(self, ref: ImageRef, log_path: Path) -> None:
+        """Remove older builds of the same repository from buildah's storage (a runtime is 3.6 GB; the archives
+        are the cache, and `prune_archives()` removes stale ones)."""
+        listed = self._bah(log_path, "images", "--noheading", "--format={{.Name}}:{{.Tag}}", ref.repository)
+        for name in sorted(set(listed.split()) - {ref.ref}):
+            with contextlib.suppress(ClusterError):
+                self._bah(log_path, "rmi", "--force", name)
+        with contextlib.suppress(ClusterError):
+            self._bah(log_path, "rmi", "--prune")  # untagged leftovers (intermediate stages)
 
     def _in_storage(self, ref: ImageRef, log_path: Path) -> bool:
         try:
@@ -671,6 +682,30 @@ def ensure_images(
                 else:
                     builder.build_dockerfile(planned, plan["base"].ref, repo)
     return {name: plan[name].ref for name in names}
+
+
+def prune_archives(
+    keep: Mapping[str, ImageRef], root: Path | None = None, log: Callable[[str], None] | None = None
+) -> list[Path]:
+    """Delete this cache's archives of the four images other than `keep` (e.g. ensure_images()'s result); other
+    worktrees' keys differ, so this is never automatic. Returns what was removed."""
+    log = log or _stderr
+    images_dir = (root or cache_root()) / "images"
+    kept = {ref.archive for ref in keep.values()} | {ref.archive.with_suffix(".json") for ref in keep.values()}
+    removed = []
+    with _locked(images_dir / ".lock"):
+        for name in IMAGE_NAMES:
+            for path in sorted(images_dir.glob(f"{name}-*")):
+                if (
+                    path.suffix in (".tar", ".json")
+                    and path not in kept
+                    and re.fullmatch(rf"{name}-[0-9a-f]{{12}}", path.stem)
+                ):
+                    path.unlink()
+                    removed.append(path)
+    for path in removed:
+        log(f"images: removed {path}")
+    return removed
 
 
 def import_images(

@@ -444,3 +444,31 @@ def test_an_interrupted_command_stops_its_whole_process_group(tmp_path: Path) ->
     while Path(f"/proc/{child}").exists() and Path(f"/proc/{child}/stat").read_text().split()[2] != "Z":
         assert time.monotonic() < deadline, "the command's child survived the interruption"
         time.sleep(0.1)
+
+
+def test_prune_keeps_the_current_archives_and_what_is_not_ours(tmp_path: Path) -> None:
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    current = images.ImageRef(
+        "runtime", "localhost/telechat-runtime:aaaaaaaaaaaa", "a" * 64, images_dir / "runtime-aaaaaaaaaaaa.tar"
+    )
+    names = [
+        "runtime-aaaaaaaaaaaa.tar",
+        "runtime-aaaaaaaaaaaa.json",
+        "runtime-bbbbbbbbbbbb.tar",
+        "runtime-bbbbbbbbbbbb.json",
+        "telechat-busybox-cccccccccccc.tar",
+        "runtime-notes.txt",
+    ]
+    for name in names:
+        (images_dir / name).write_text("x")
+    removed = images.prune_archives({"runtime": current}, root=tmp_path, log=lambda message: None)
+    assert sorted(p.name for p in removed) == ["runtime-bbbbbbbbbbbb.json", "runtime-bbbbbbbbbbbb.tar"]
+    assert sorted(p.name for p in images_dir.iterdir() if not p.name.startswith(".")) == sorted(
+        [
+            "runtime-aaaaaaaaaaaa.tar",
+            "runtime-aaaaaaaaaaaa.json",
+            "telechat-busybox-cccccccccccc.tar",
+            "runtime-notes.txt",
+        ]
+    )
