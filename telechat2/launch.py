@@ -19,6 +19,12 @@ What a pod needs that `msrun` alone does not do:
 | --log_dir | TELECHAT_LOG_DIR | output/msrun_log |
 | --cluster_time_out | TELECHAT_CLUSTER_TIMEOUT | 300 |
 | --resolve-timeout | TELECHAT_RESOLVE_TIMEOUT | 300 |
+| --progress_dir | (none) | unset: no progress endpoint |
+| --progress_port | (none) | 8119 |
+
+With `--progress_dir` (the training's output dir; the operator passes it to rank 0 only), the wrapper serves every
+rank's progress record read-only on `GET http://<pod>:<progress_port>/progress` while msrun runs
+(`telechat2.progress`); a port that cannot be bound is reported and training goes on without it.
 
 msrun runs a task through the `python` on PATH unless the task starts with python/python3/pytest; a task starting
 with `telechat2` is therefore run as `python -m telechat2.cli ...`, and this interpreter's directory is put first
@@ -82,6 +88,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resolve_timeout", "--resolve-timeout", type=float, help="seconds to wait for the master to resolve"
     )
+    parser.add_argument(
+        "--progress_dir", "--progress-dir", help="serve <dir>/progress/rank_*.json on GET /progress (rank 0)"
+    )
+    parser.add_argument("--progress_port", "--progress-port", type=int, default=None, help="port of /progress")
     parser.add_argument("--msrun", default=None, help="msrun command (default: msrun on PATH, else python -m ...)")
     parser.add_argument("task", nargs=argparse.REMAINDER, help="-- then the task each worker runs")
 
@@ -291,4 +301,24 @@ def run(args: argparse.Namespace) -> int:
         return 2
     command = build_msrun_command(msrun_base(args.msrun), options, master_ip, task)
     print(f"telechat2 launch: {shlex.join(command)}", flush=True)
-    return run_msrun(command, child_environment(os.environ))
+    server = start_progress_server(getattr(args, "progress_dir", None), getattr(args, "progress_port", None), options)
+    try:
+        return run_msrun(command, child_environment(os.environ))
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def start_progress_server(directory: str | None, port: int | None, options: LaunchOptions):
+    """The read-only progress endpoint, or None (not asked for, or the port is taken: training matters more)."""
+    if not directory:
+        return None
+    from telechat2.progress import DEFAULT_PORT, ProgressServer
+
+    try:
+        server = ProgressServer(directory, options.worker_num, DEFAULT_PORT if port is None else port).start()
+    except OSError as err:
+        print(f"telechat2 launch: progress endpoint not started: {err}", flush=True)
+        return None
+    print(f"telechat2 launch: serving progress on port {server.port}/progress", flush=True)
+    return server

@@ -185,6 +185,31 @@ def read_loss_log(text: str) -> list[tuple[int, float]]:
 # --- run -------------------------------------------------------------------------------------------------------------
 
 
+def tokens_scale(config) -> int:
+    """How many ranks' worth of tokens one rank's dataset batch stands for: with `full_batch` every rank reads the
+    whole global batch (1); otherwise each data-parallel rank reads its own shard."""
+    if not config.get("use_parallel"):
+        return 1
+    parallel = config.get("parallel") or {}
+    if parallel.get("full_batch", True):
+        return 1
+    return int((config.get("parallel_config") or {}).get("data_parallel", 1) or 1)
+
+
+def progress_callback_for(config):
+    """This rank's progress writer (telechat2.progress), fed from the YAML the run uses."""
+    from telechat2.progress import progress_callback
+
+    return progress_callback(
+        config.output_dir,
+        rank=int(os.environ.get("RANK_ID", "0")),
+        epochs=int(config.runner_config.epochs),
+        seq_length=int(config.model.model_config.seq_length),
+        tokens_scale=tokens_scale(config),
+        attempt=int(os.environ.get("TELECHAT_ATTEMPT", "0") or 0),
+    )
+
+
 def finetune(config) -> None:
     from mindformers import Trainer
     from mindformers.core.context import build_context
@@ -195,7 +220,7 @@ def finetune(config) -> None:
     if str(config.context.device_target).upper() == "CPU":
         apply_cpu_shims()
     build_context(config)
-    trainer = Trainer(args=config, task="text_generation")
+    trainer = Trainer(args=config, task="text_generation", callbacks=[progress_callback_for(config)])
     trainer.finetune(
         finetune_checkpoint=config.load_checkpoint or False,
         resume_training=bool(config.resume_training) or None,

@@ -66,6 +66,11 @@ CONFIG_PATH = f"{CONFIG_MOUNT_DIR}/{CONFIG_KEY}"
 TRAINER_CONTAINER = "trainer"
 MERGE_CONTAINER = "merge"
 MASTER_PORT_NAME = "msrun"
+# Rank 0's `telechat2 launch` serves every rank's training progress here (GET /progress, read-only JSON); the
+# operator polls it (telechat_operator.progress). The same number as telechat2.progress.DEFAULT_PORT.
+PROGRESS_PORT_NAME = "progress"
+PROGRESS_PORT = 8119
+PROGRESS_PATH = "/progress"
 
 # --- Output layout (relative to spec.output.path) ------------------------------------------------------------
 MSRUN_LOG_DIR = "msrun_log"
@@ -142,6 +147,10 @@ COND_MERGING = "Merging"
 COND_SUCCEEDED = "Succeeded"
 COND_FAILED = "Failed"
 COND_SUSPENDED = "Suspended"
+# True while rank pods cannot start for a reason the user must fix (Unschedulable, ImagePullBackOff, ...).
+COND_STALLED = "Stalled"
+# False while the running attempt's pods were built from an older spec (edits wait for the next restart).
+COND_SPEC_APPLIED = "SpecApplied"
 CONDITION_TYPES = (
     COND_CREATED,
     COND_RUNNING,
@@ -150,6 +159,8 @@ CONDITION_TYPES = (
     COND_SUCCEEDED,
     COND_FAILED,
     COND_SUSPENDED,
+    COND_STALLED,
+    COND_SPEC_APPLIED,
 )
 
 # One-word `status.state` (printer column).
@@ -168,3 +179,22 @@ REASON_DEADLINE = "DeadlineExceeded"
 REASON_MERGE_FAILED = "MergeFailed"
 REASON_NON_RETRYABLE_EXIT = "NonRetryableExitCode"
 REASON_POD_FAILED = "PodFailed"
+# Failures after which every rank pod is kept (the running ones stopped, not deleted) for `kubectl logs` until
+# ttlSecondsAfterFinished: the job ended because a rank failed, and every rank's log may tell why.
+KEEP_PODS_REASONS = frozenset({REASON_BACKOFF_LIMIT, REASON_NON_RETRYABLE_EXIT, REASON_POD_FAILED, REASON_MERGE_FAILED})
+# Pod `status.reason` the kubelet gives a pod ended by its `activeDeadlineSeconds` (how the operator stops a
+# surviving rank without deleting it).
+POD_DEADLINE_REASON = "DeadlineExceeded"
+# Why a Pending pod cannot go on: container waiting reasons (init containers included) and the scheduler's
+# PodScheduled=False reason. Each one surfaces as the job's Stalled condition.
+BLOCKED_WAITING_REASONS = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CrashLoopBackOff",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+    }
+)
+UNSCHEDULABLE_REASON = "Unschedulable"

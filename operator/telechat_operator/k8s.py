@@ -246,6 +246,17 @@ def delete_pod(namespace: str, name: str) -> None:
     delete_child("Pod", namespace, name)
 
 
+def stop_pod(namespace: str, name: str) -> None:
+    """End a running pod but keep it (and its logs): with spec.activeDeadlineSeconds=1 the kubelet stops its
+    containers as for any pod past its deadline (phase Failed, reason DeadlineExceeded). 404 is done."""
+    path = _object_path("v1", namespace, "pods", name)
+    try:
+        _request("PATCH", path, "pods", body={"spec": {"activeDeadlineSeconds": 1}}, content_type=MERGE_PATCH)
+    except ApiError as err:
+        if err.status != 404:
+            raise
+
+
 def post_event(kind: str, obj: Mapping[str, Any], event_type: str, reason: str, message: str) -> None:
     """A core/v1 Event on one of our resources (`kind` is TeleChatFinetune or TeleChatInference), so
     `kubectl describe` tells the story."""

@@ -48,6 +48,10 @@ class OperatorConfig:
     watch_client_timeout: float = 330.0
     watch_connect_timeout: float = 10.0
     request_timeout: float = 60.0
+    # Training progress: rank 0's /progress is fetched at most this often per running job (0 turns polling off),
+    # each fetch giving up after progress_timeout_seconds (unreachable pods back off up to resync_seconds).
+    progress_seconds: float = 30.0
+    progress_timeout_seconds: float = 2.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:

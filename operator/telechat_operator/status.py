@@ -22,7 +22,9 @@ from typing import Any
 from telechat_operator import constants as c
 from telechat_operator.builders import names
 from telechat_operator.builders.pods import merged_checkpoint_path, output_subdir
+from telechat_operator.progress import progress_status
 from telechat_operator.spec import FinetuneSpec, SpecError
+from telechat_operator.spec_changes import changed_fields, spec_field_hashes
 
 # How soon to look again while old pods are still terminating (their deletion events usually come first).
 TEARDOWN_POLL_SECONDS = 2.0
@@ -50,6 +52,8 @@ class PodView:
     exit_code: int | None = None
     reason: str | None = None  # pod status.reason (Evicted, ...) or the container's terminated reason
     deleting: bool = False
+    stopping: bool = False  # spec.activeDeadlineSeconds set: the kubelet is ending it (how the operator stops one)
+    blocked: tuple[str, str] | None = None  # (reason, message) a Pending pod is stuck on, see pod_blocker
 
     @property
     def finished(self) -> bool:
@@ -75,7 +79,31 @@ class PodView:
             exit_code=exit_code,
             reason=status.get("reason") or term_reason,
             deleting=bool(meta.get("deletionTimestamp")),
+            stopping=(pod.get("spec") or {}).get("activeDeadlineSeconds") is not None,
+            blocked=pod_blocker(pod),
         )
+
+
+def pod_blocker(pod: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Why a pod that has not started cannot go on, as (reason, message), or None.
+
+    The scheduler's PodScheduled=False/Unschedulable (its message names what no node has: "0/4 nodes are
+    available: 4 Insufficient huawei.com/Ascend910"), then a container (init containers first) waiting on
+    ErrImagePull, ImagePullBackOff, CrashLoopBackOff, CreateContainerConfigError, ... Transient waits
+    (ContainerCreating, PodInitializing) are not blockers."""
+    status = pod.get("status") or {}
+    if status.get("phase") not in (None, "Pending"):
+        return None
+    for cond in status.get("conditions") or []:
+        scheduled = cond.get("type") == "PodScheduled" and cond.get("status") == "False"
+        if scheduled and cond.get("reason") == c.UNSCHEDULABLE_REASON:
+            return c.UNSCHEDULABLE_REASON, str(cond.get("message") or "no node fits the pod")
+    for container in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in c.BLOCKED_WAITING_REASONS:
+            detail = f"container {container.get('name')}: {waiting.get('message') or waiting['reason']}"
+            return str(waiting["reason"]), detail
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +130,9 @@ class Plan:
 
     status: dict[str, Any]
     delete_pods: list[str] = dataclasses.field(default_factory=list)
+    # Running pods to end without deleting them (their logs stay for `kubectl logs` until the TTL): the handler
+    # sets spec.activeDeadlineSeconds, and the kubelet stops the containers as it does for a deadline.
+    stop_pods: list[str] = dataclasses.field(default_factory=list)
     create_ranks: list[int] = dataclasses.field(default_factory=list)  # ranks of status.attempt to create
     create_merge: int | None = None  # merge attempt whose pod to create
     ensure_children: bool = False  # ConfigMap, Service, PodGroup before the first rank pod
@@ -190,9 +221,16 @@ class _Machine:
     """One reconcile pass; a class only to keep the shared locals (now, generation, plan) out of signatures."""
 
     def __init__(
-        self, spec: FinetuneSpec, old: Mapping[str, Any], pods: list[PodView], now: datetime, backoff: Backoff
+        self,
+        spec: FinetuneSpec,
+        old: Mapping[str, Any],
+        pods: list[PodView],
+        now: datetime,
+        backoff: Backoff,
+        progress: Mapping[str, Any] | None = None,
     ):
         self.spec = spec
+        self.progress = progress
         self.now = now
         self.backoff = backoff
         self.gen = spec.generation
@@ -218,6 +256,16 @@ class _Machine:
             if not pod.deleting and pod.name not in self.plan.delete_pods:
                 self.plan.delete_pods.append(pod.name)
 
+    def stop_keeping_logs(self, pods: Iterable[PodView]) -> None:
+        """End these pods but keep them: Running ones are stopped in place (their logs stay), the others (not yet
+        started: no logs) deleted."""
+        for pod in pods:
+            if pod.phase == "Running" and not pod.deleting:
+                if not pod.stopping and pod.name not in self.plan.stop_pods:
+                    self.plan.stop_pods.append(pod.name)
+            else:
+                self.delete([pod])
+
     @property
     def attempt(self) -> int:
         return int(self.status.get("attempt", 0))
@@ -234,11 +282,20 @@ class _Machine:
     # --- terminal transitions ---
     def fail(self, reason: str, message: str) -> None:
         self.cond(c.COND_FAILED, True, reason, message)
-        _lower(self.status, (c.COND_RUNNING, c.COND_RESTARTING, c.COND_MERGING), reason, message, self.now, self.gen)
+        kinds = (c.COND_RUNNING, c.COND_RESTARTING, c.COND_MERGING, c.COND_STALLED)
+        _lower(self.status, kinds, reason, message, self.now, self.gen)
         self.status.setdefault("completionTime", to_timestamp(self.now))
         self.status.pop("nextAttemptTime", None)
         self.transition(c.STATE_FAILED, reason, message, warning=True)
-        self.delete(self.active())  # finished pods stay for `kubectl logs` until ttlSecondsAfterFinished
+        self.end_active_pods()  # finished pods stay for `kubectl logs` until ttlSecondsAfterFinished
+
+    def end_active_pods(self) -> None:
+        """A job that failed because a rank failed keeps every rank pod (the others' logs tell the story too): the
+        survivors are stopped, not deleted. Other endings (deadline, success) delete what still runs."""
+        if self.status.get("state") == c.STATE_FAILED and _reason(self.status, c.COND_FAILED) in c.KEEP_PODS_REASONS:
+            self.stop_keeping_logs(self.active())
+        else:
+            self.delete(self.active())
 
     def succeed(self, checkpoint: str, message: str) -> None:
         self.status["checkpoint"] = checkpoint
@@ -286,7 +343,7 @@ class _Machine:
         return self.plan
 
     def finished(self) -> None:
-        self.delete(self.active())
+        self.end_active_pods()
 
     def expire_finished_pods(self) -> None:
         """ttlSecondsAfterFinished: remove every pod once it has passed, else look again then."""
@@ -318,7 +375,8 @@ class _Machine:
             return
         message = "suspended: all pods removed; resuming continues from the newest checkpoint"
         self.cond(c.COND_SUSPENDED, True, "Suspended", message)
-        _lower(self.status, (c.COND_RUNNING, c.COND_RESTARTING), "Suspended", message, self.now, self.gen)
+        kinds = (c.COND_RUNNING, c.COND_RESTARTING, c.COND_STALLED)
+        _lower(self.status, kinds, "Suspended", message, self.now, self.gen)
         self.status["suspendedFrom"] = self.status.get("state") or c.STATE_PENDING
         self.status.pop("nextAttemptTime", None)
         self.transition(c.STATE_SUSPENDED, "Suspended", message)
@@ -366,12 +424,12 @@ class _Machine:
             )
             return
         delay = self.backoff.delay(restarts + 1)
-        message = f"{failure.message}; restarting all ranks as attempt {self.attempt + 1} in {delay:g}s"
+        message = f"{restart_cause(failure)}; restarting all ranks as attempt {self.attempt + 1} in {delay:g}s"
         self.status["restarts"] = restarts + 1
         self.status["attempt"] = self.attempt + 1
         self.status["nextAttemptTime"] = to_timestamp(self.now + timedelta(seconds=delay))
         self.cond(c.COND_RESTARTING, True, failure.reason, message)
-        _lower(self.status, (c.COND_RUNNING,), "Restarting", message, self.now, self.gen)
+        _lower(self.status, (c.COND_RUNNING, c.COND_STALLED), "Restarting", message, self.now, self.gen)
         self.status["state"] = c.STATE_RESTARTING
         self.event("Restarting", message, warning=True)
         self.delete(self.workers(current=False))  # status.attempt moved on: the failed group is now stale
@@ -402,6 +460,9 @@ class _Machine:
                 self.plan.ensure_children = True
                 self.plan.create_ranks = missing
                 self.status["state"] = c.STATE_PENDING
+                # The pods are created from this spec: what later edits are compared with.
+                self.status["podSpecHashes"] = spec_field_hashes(spec)
+                self.spec_applied()
                 return
             self.plan.events += mark_launched(self.status, spec, self.now)
 
@@ -417,15 +478,61 @@ class _Machine:
             self.restart_or_fail(failures[0])
             return
         phases = [p.phase for p in current.values()]
+        self.spec_applied()
+        self.take_progress()
         if all(phase == "Succeeded" for phase in phases):
             self.training_succeeded()
         elif all(phase in ("Running", "Succeeded") for phase in phases):
             message = f"all {spec.nodes} ranks of attempt {self.attempt} are running"
             self.cond(c.COND_RUNNING, True, "AllRanksRunning", message)
-            _lower(self.status, (c.COND_RESTARTING,), "AllRanksRunning", message, self.now, self.gen)
+            _lower(self.status, (c.COND_RESTARTING, c.COND_STALLED), "AllRanksRunning", message, self.now, self.gen)
             self.transition(c.STATE_RUNNING, "Running", message)
         else:
             self.status["state"] = c.STATE_PENDING
+            self.stalled([p for p in current.values() if p.phase == "Pending"])
+
+    def stalled(self, pending: list[PodView]) -> None:
+        """Say why ranks stay Pending when it is something the user must fix (Unschedulable, image pulls, ...):
+        the Stalled condition and the status message, and an Event when the cause changes."""
+        blocked = sorted((p for p in pending if p.blocked), key=lambda p: p.rank if p.rank is not None else -1)
+        if not blocked:
+            if condition_is(self.status, c.COND_STALLED):
+                message = f"no rank of attempt {self.attempt} is blocked any more"
+                self.cond(c.COND_STALLED, False, "PodsProgressing", message)
+            return
+        first = blocked[0]
+        reason, detail = first.blocked  # type: ignore[misc]
+        others = f" (and {len(blocked) - 1} more rank(s))" if len(blocked) > 1 else ""
+        message = f"rank {first.rank} pod {first.name} is Pending: {reason}: {detail}{others}"
+        if not condition_is(self.status, c.COND_STALLED) or _reason(self.status, c.COND_STALLED) != reason:
+            self.event(reason, message, warning=True)
+        self.cond(c.COND_STALLED, True, reason, message)
+        self.status["message"] = message
+
+    def spec_applied(self) -> None:
+        """Tell the user when edits of the spec wait for the next restart (the running pods keep the old values);
+        say so once per set of waiting fields, and again when a new group picked them up."""
+        waiting = changed_fields(self.status.get("podSpecHashes"), spec_field_hashes(self.spec))
+        if waiting:
+            names_ = ", ".join(waiting)
+            message = (
+                f"{names_} changed while attempt {self.attempt} runs: its rank pods keep the previous values until"
+                " the group is next created (a restart after a failure, or suspend then resume)"
+            )
+            if _message(self.status, c.COND_SPEC_APPLIED) != message:
+                self.event("SpecChangeDeferred", message)
+            self.cond(c.COND_SPEC_APPLIED, False, "WaitingForRestart", message)
+        elif condition_is(self.status, c.COND_SPEC_APPLIED, False):
+            message = f"the rank pods of attempt {self.attempt} run the current spec"
+            self.cond(c.COND_SPEC_APPLIED, True, "SpecApplied", message)
+            self.event("SpecApplied", message)
+
+    def take_progress(self) -> None:
+        """The newest progress rank 0 served (when the handler could fetch it): kept across restarts until a newer
+        one arrives, so a restarting job still shows where it was and its newest complete checkpoint."""
+        progress = progress_status(self.progress) if self.progress is not None else None
+        if progress is not None:
+            self.status["progress"] = progress
 
     def training_succeeded(self) -> None:
         spec = self.spec
@@ -468,7 +575,18 @@ class _Machine:
         for pod in self.workers(current=True):
             key = pod.phase.lower() if pod.phase.lower() in counts else "pending"
             counts[key] += 1
+        # Pods this pass creates are Pending from the moment they exist (their first event starts no pass).
+        counts["pending"] += len(self.plan.create_ranks)
         self.status["pods"] = counts
+
+
+def restart_cause(failure: Failure) -> str:
+    """The Restarting message's first words: which rank failed and with which exit code (or how it was lost)."""
+    if failure.rank is None:
+        return failure.message
+    if failure.exit_code is not None:
+        return f"rank {failure.rank} failed with exit code {failure.exit_code} (pod {failure.pod})"
+    return f"rank {failure.rank} failed: {failure.reason} ({failure.message})"
 
 
 def mark_launched(status: dict[str, Any], spec: FinetuneSpec, now: datetime) -> list[Event]:
@@ -492,6 +610,10 @@ def _stamp_generation(status: dict[str, Any], generation: int) -> None:
 
 def _reason(status: Mapping[str, Any], kind: str) -> str | None:
     return next((cond.get("reason") for cond in status.get("conditions") or [] if cond["type"] == kind), None)
+
+
+def _message(status: Mapping[str, Any], kind: str) -> str | None:
+    return next((cond.get("message") for cond in status.get("conditions") or [] if cond["type"] == kind), None)
 
 
 def invalid_spec_plan(old: Mapping[str, Any], error: SpecError, generation: int, now: datetime) -> Plan:
@@ -526,7 +648,13 @@ def rests_on_absence(old: Mapping[str, Any], plan: Plan) -> bool:
 
 
 def reconcile(
-    spec: FinetuneSpec, old_status: Mapping[str, Any], pods: list[PodView], now: datetime, backoff: Backoff
+    spec: FinetuneSpec,
+    old_status: Mapping[str, Any],
+    pods: list[PodView],
+    now: datetime,
+    backoff: Backoff,
+    progress: Mapping[str, Any] | None = None,
 ) -> Plan:
-    """Decide the next status and the actions that move the cluster towards it."""
-    return _Machine(spec, old_status, pods, now, backoff).run()
+    """Decide the next status and the actions that move the cluster towards it; `progress` is the newest document
+    rank 0 served (`telechat_operator.progress`), when the handler has one."""
+    return _Machine(spec, old_status, pods, now, backoff, progress).run()

@@ -30,7 +30,12 @@ def test_identity(crd: dict[str, Any]) -> None:
     (version,) = crd["spec"]["versions"]
     assert version["name"] == c.VERSION and version["subresources"] == {"status": {}}
     columns = [col["name"] for col in version["additionalPrinterColumns"] if col.get("priority", 0) == 0]
-    assert columns == ["Model", "Nodes", "NPUs", "State", "Restarts", "Age"]
+    # Step, Loss and ETA (issue 10 item 8: training progress) sit between Restarts and Age.
+    assert columns == ["Model", "Nodes", "NPUs", "State", "Restarts", "Step", "Loss", "ETA", "Age"]
+    paths = {col["name"]: (col["type"], col["jsonPath"]) for col in version["additionalPrinterColumns"]}
+    assert paths["Step"] == ("integer", ".status.progress.step")
+    assert paths["Loss"] == ("number", ".status.progress.loss")
+    assert paths["ETA"] == ("string", ".status.progress.eta")
 
 
 def test_model_enum_is_the_shipped_model_list(schema: dict[str, Any]) -> None:
@@ -112,3 +117,13 @@ def test_sample_job_is_a_valid_finetune() -> None:
     body["metadata"].update(namespace="default", uid="u", generation=1)
     spec = parse(body)
     assert (spec.model, spec.nodes, spec.devices_per_node) == ("telechat2-tiny", 2, 1)
+
+
+def test_the_status_schema_keeps_every_field_the_state_machine_writes(schema: dict[str, Any]) -> None:
+    """A field missing from the schema would be pruned by the apiserver: progress, podSpecHashes."""
+    status = schema["properties"]["status"]["properties"]
+    progress = status["progress"]["properties"]
+    for field in ("step", "totalSteps", "loss", "tokensPerSecond", "stepSeconds", "eta", "etaSeconds", "updateTime"):
+        assert field in progress, field
+    assert set(progress["checkpoint"]["properties"]) == {"step", "ranks", "newer"}
+    assert status["podSpecHashes"]["additionalProperties"] == {"type": "string"}

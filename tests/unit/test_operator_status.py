@@ -146,7 +146,8 @@ def test_past_the_backoff_limit_the_job_fails() -> None:
     status = running_status(restarts=3)
     plan = run(status, [worker(0), worker(1, phase="Failed", exit_code=137)])
     assert plan.status["state"] == c.STATE_FAILED and reason(plan.status, c.COND_FAILED) == c.REASON_BACKOFF_LIMIT
-    assert plan.delete_pods == ["ft-a1-rank-0"]  # the running rank is stopped, the failed one kept for logs
+    # The running rank is stopped (issue 10 item 11: stopped in place, not deleted), the failed one kept for logs.
+    assert plan.delete_pods == [] and plan.stop_pods == ["ft-a1-rank-0"]
     assert plan.status["completionTime"] == to_timestamp(NOW)
 
 
@@ -317,3 +318,154 @@ def test_only_plans_set_off_by_a_missing_pod_need_a_consistent_read() -> None:
     assert merge_missing.create_merge == 1 and not rests_on_absence(merging, merge_missing)  # create: 409-safe
     merge_failed = run(merging, [*ranks_done, merge_pod(1, phase="Failed", exit_code=1)])
     assert merge_failed.create_merge == 2 and rests_on_absence(merging, merge_failed)  # a retry counted
+
+
+# --- issue 10: why a job is stuck, kept logs, the Restarting reason, deferred edits, progress ---------------------
+
+
+def unschedulable(rank: int, **extra: Any) -> PodView:
+    message = "0/4 nodes are available: 4 Insufficient huawei.com/Ascend910."
+    return worker(rank, phase="Pending", blocked=("Unschedulable", message), **extra)
+
+
+def test_pods_created_by_a_pass_count_as_pending_at_once() -> None:
+    plan = run({}, [])
+    assert plan.create_ranks == [0, 1] and plan.status["pods"]["pending"] == 2
+
+
+def test_unschedulable_ranks_stall_the_job_with_the_schedulers_message() -> None:
+    launched = run({"attempt": 1, "state": c.STATE_PENDING}, [worker(0, phase="Pending"), worker(1, phase="Pending")])
+    plan = run(launched.status, [worker(0, phase="Pending"), unschedulable(1)], seconds=1)
+    assert plan.status["state"] == c.STATE_PENDING and condition_is(plan.status, c.COND_STALLED)
+    assert reason(plan.status, c.COND_STALLED) == "Unschedulable"
+    assert plan.status["message"] == (
+        "rank 1 pod ft-a1-rank-1 is Pending: Unschedulable: 0/4 nodes are available: 4 Insufficient"
+        " huawei.com/Ascend910."
+    )
+    assert [(e.type, e.reason) for e in plan.events] == [("Warning", "Unschedulable")]
+    assert plan.status["pods"]["pending"] == 2
+    again = run(plan.status, [worker(0, phase="Pending"), unschedulable(1)], seconds=2)
+    assert again.events == [] and again.status == plan.status  # one Event per cause, no status churn
+    pulling = [
+        worker(0, phase="Pending", blocked=("ImagePullBackOff", "container trainer: back-off")),
+        unschedulable(1),
+    ]
+    changed = run(again.status, pulling, seconds=3)
+    assert (
+        reason(changed.status, c.COND_STALLED) == "ImagePullBackOff"
+        and "(and 1 more rank(s))" in changed.status["message"]
+    )
+    running = run(changed.status, [worker(0), worker(1)], seconds=4)
+    assert running.status["state"] == c.STATE_RUNNING and condition_is(running.status, c.COND_STALLED, False)
+
+
+def test_a_rank_that_is_no_longer_blocked_lowers_stalled_while_still_pending() -> None:
+    launched = run({"attempt": 1, "state": c.STATE_PENDING}, [worker(0, phase="Pending"), unschedulable(1)])
+    assert condition_is(launched.status, c.COND_STALLED)
+    plan = run(launched.status, [worker(0, phase="Pending"), worker(1, phase="Pending")], seconds=1)
+    assert condition_is(plan.status, c.COND_STALLED, False) and reason(plan.status, c.COND_STALLED) == "PodsProgressing"
+
+
+def pending_body(**status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "p"}, "status": {"phase": "Pending", **status}}
+
+
+def test_pod_blocker_reads_the_scheduler_condition_and_container_waiting_reasons() -> None:
+    from telechat_operator.status import pod_blocker
+
+    scheduled = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/4 nodes fit"}
+    assert pod_blocker(pending_body(conditions=[scheduled])) == ("Unschedulable", "0/4 nodes fit")
+    pull = {"name": "init", "state": {"waiting": {"reason": "ErrImagePull", "message": "not found"}}}
+    assert pod_blocker(pending_body(initContainerStatuses=[pull])) == ("ErrImagePull", "container init: not found")
+    creating = {"name": "trainer", "state": {"waiting": {"reason": "ContainerCreating"}}}
+    assert pod_blocker(pending_body(containerStatuses=[creating])) is None
+    config = {"name": "trainer", "state": {"waiting": {"reason": "CreateContainerConfigError"}}}
+    assert pod_blocker(pending_body(containerStatuses=[config]))[0] == "CreateContainerConfigError"  # type: ignore[index]
+    assert pod_blocker({"metadata": {"name": "p"}, "status": {"phase": "Running"}}) is None
+    view = PodView.from_body(
+        {
+            "metadata": {"name": "p", "labels": {}},
+            "spec": {"activeDeadlineSeconds": 1},
+            **pending_body(conditions=[scheduled]),
+        }
+    )
+    assert view.blocked == ("Unschedulable", "0/4 nodes fit") and view.stopping
+
+
+def test_a_non_retryable_failure_keeps_every_rank_pod_and_stops_the_running_ones() -> None:
+    pods = [worker(0), worker(1, phase="Failed", exit_code=1), worker(2, phase="Pending")]
+    status = running_status()
+    plan = run(status, pods, nodes=3, parallel={"dataParallel": 3})
+    assert plan.status["state"] == c.STATE_FAILED and reason(plan.status, c.COND_FAILED) == c.REASON_NON_RETRYABLE_EXIT
+    assert plan.stop_pods == ["ft-a1-rank-0"]  # its log stays: it is stopped in place
+    assert plan.delete_pods == ["ft-a1-rank-2"]  # never started: nothing to keep
+    # Later passes leave the stopping and the stopped pods alone until the TTL.
+    later = run(plan.status, [worker(0, stopping=True), pods[1]], seconds=5, nodes=3, parallel={"dataParallel": 3})
+    assert (later.stop_pods, later.delete_pods) == ([], [])
+    stopped = [worker(0, phase="Failed", reason="DeadlineExceeded", stopping=True), pods[1]]
+    ttl = {"ttlSecondsAfterFinished": 60}
+    kept = run(plan.status, stopped, seconds=30, nodes=3, parallel={"dataParallel": 3}, runPolicy=ttl)
+    assert (kept.stop_pods, kept.delete_pods, kept.requeue_after) == ([], [], 30)
+    expired = run(plan.status, stopped, seconds=61, nodes=3, parallel={"dataParallel": 3}, runPolicy=ttl)
+    assert sorted(expired.delete_pods) == ["ft-a1-rank-0", "ft-a1-rank-1"]
+
+
+def test_the_restarting_condition_and_event_name_the_failed_rank_and_exit_code() -> None:
+    plan = run(running_status(), [worker(0), worker(1, phase="Failed", exit_code=137)], seconds=10)
+    cond = next(cond for cond in plan.status["conditions"] if cond["type"] == c.COND_RESTARTING)
+    assert cond["reason"] == "ExitCode137"
+    assert cond["message"].startswith("rank 1 failed with exit code 137 (pod ft-a1-rank-1); restarting all ranks")
+    (event,) = plan.events
+    assert (event.reason, event.message) == ("Restarting", cond["message"])
+    lost = run(running_status(), [worker(0)], seconds=10)
+    assert "rank 1 failed: PodDeleted" in lost.status["message"]
+
+
+def test_editing_a_mutable_field_of_a_running_job_says_it_waits_for_the_next_restart() -> None:
+    status = running_status()
+    assert status["podSpecHashes"]["image"]
+    plan = run(
+        status, [worker(0), worker(1)], seconds=5, image="telechat-runtime:v2", env=[{"name": "X", "value": "1"}]
+    )
+    cond = next(cond for cond in plan.status["conditions"] if cond["type"] == c.COND_SPEC_APPLIED)
+    assert (cond["status"], cond["reason"]) == ("False", "WaitingForRestart")
+    assert cond["message"].startswith("spec.image, spec.env changed while attempt 1 runs")
+    assert [e.reason for e in plan.events] == ["SpecChangeDeferred"]
+    assert plan.create_ranks == [] and plan.delete_pods == []  # nothing is restarted for it
+    again = run(
+        plan.status, [worker(0), worker(1)], seconds=6, image="telechat-runtime:v2", env=[{"name": "X", "value": "1"}]
+    )
+    assert again.events == []
+    # Fields that act on the job itself are not deferred.
+    policy = run(status, [worker(0), worker(1)], seconds=5, runPolicy={"backoffLimit": 9, "ttlSecondsAfterFinished": 5})
+    assert not any(cond["type"] == c.COND_SPEC_APPLIED for cond in policy.status["conditions"])
+    # The next group is built from the edited spec: applied.
+    failed = run(
+        plan.status,
+        [worker(0), worker(1, phase="Failed", exit_code=137)],
+        seconds=10,
+        image="telechat-runtime:v2",
+        env=[{"name": "X", "value": "1"}],
+    )
+    relaunch = run(failed.status, [], seconds=60, image="telechat-runtime:v2", env=[{"name": "X", "value": "1"}])
+    assert relaunch.create_ranks == [0, 1] and condition_is(relaunch.status, c.COND_SPEC_APPLIED)
+    assert "SpecApplied" in [e.reason for e in relaunch.events]
+
+
+def test_progress_from_rank_0_lands_in_the_status_and_is_kept_without_a_new_document() -> None:
+    doc = {
+        "workers": 2,
+        "ranks": [
+            {"rank": 0, "step": 8, "totalSteps": 16, "loss": 3.0, "stepSeconds": 2.0, "tokensPerSecond": 512.0,
+             "time": 1767322800.0, "checkpointSteps": [4, 8]},
+            {"rank": 1, "step": 8, "totalSteps": 16, "loss": 3.5, "stepSeconds": 2.0, "time": 1767322800.0,
+             "checkpointSteps": [4]},
+        ],
+    }  # fmt: skip
+    status = running_status()
+    plan = reconcile(make_spec(), status, [worker(0), worker(1)], NOW, BACKOFF, progress=doc)
+    progress = plan.status["progress"]
+    assert (progress["step"], progress["totalSteps"], progress["loss"], progress["eta"]) == (8, 16, 3.25, "16s")
+    assert progress["checkpoint"] == {"step": 4, "ranks": 2, "newer": {"step": 8, "ranks": 1}}
+    kept = reconcile(make_spec(), plan.status, [worker(0), worker(1)], NOW, BACKOFF, progress=None)
+    assert kept.status["progress"] == progress

@@ -12,10 +12,11 @@ Namespaced rules: granted cluster-wide in `cluster` scope and in the watched nam
 - apiGroups: ["telechat.io"]
   resources: ["telechatfinetunes/status", "telechatinferences/status"]
   verbs: ["get", "patch"]
-# Rank pods, merge pods and single-replica-group pods of multi-node inference.
+# Rank pods (patched to stop a surviving rank in place after a failure), merge pods and the group pods of
+# multi-node inference.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "create", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Headless Services of jobs and Services of inference endpoints; rendered configs.
 - apiGroups: [""]
   resources: ["services", "configmaps"]
@@ -31,7 +32,7 @@ Namespaced rules: granted cluster-wide in `cluster` scope and in the watched nam
 # Gang scheduling with Volcano.
 - apiGroups: ["scheduling.volcano.sh"]
   resources: ["podgroups"]
-  verbs: ["get", "list", "watch", "create", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 {{- if and .Values.peering.enabled (eq .Values.scope "namespace") }}
 # kopf peering between operator replicas (namespace scope; cluster scope uses clusterkopfpeerings).
 - apiGroups: ["kopf.dev"]

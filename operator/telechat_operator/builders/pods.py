@@ -44,6 +44,7 @@ def rank_command(spec: FinetuneSpec, rank: int, attempt: int) -> list[str]:
         output_subdir(spec, c.MSRUN_LOG_DIR),
         "--cluster_time_out",
         str(spec.cluster_timeout),
+        *(progress_args(spec) if rank == 0 else []),
         "--",
         "telechat2",
         "finetune",
@@ -53,6 +54,16 @@ def rank_command(spec: FinetuneSpec, rank: int, attempt: int) -> list[str]:
     if attempt > 1:
         command.append("--resume")
     return command
+
+
+def progress_port() -> dict[str, Any]:
+    """Declared on rank 0, which serves GET /progress there (read-only)."""
+    return {"name": c.PROGRESS_PORT_NAME, "containerPort": c.PROGRESS_PORT, "protocol": "TCP"}
+
+
+def progress_args(spec: FinetuneSpec) -> list[str]:
+    """Rank 0 serves every rank's progress record (written under the shared output dir) for the operator."""
+    return ["--progress_dir", spec.output_path, "--progress_port", str(c.PROGRESS_PORT)]
 
 
 def merge_command(spec: FinetuneSpec) -> list[str]:
@@ -120,7 +131,10 @@ def build_rank_pod(spec: FinetuneSpec, rank: int, attempt: int) -> dict[str, Any
         **_container_base(spec, c.TRAINER_CONTAINER),
         "command": rank_command(spec, rank, attempt),
         "env": rank_env(spec, rank, attempt),
-        "ports": [{"name": c.MASTER_PORT_NAME, "containerPort": spec.master_port, "protocol": "TCP"}],
+        "ports": [
+            {"name": c.MASTER_PORT_NAME, "containerPort": spec.master_port, "protocol": "TCP"},
+            *([progress_port()] if rank == 0 else []),
+        ],
         "resources": ascend_resources(spec.resources, spec.devices_per_node),
         "volumeMounts": mounts,
     }

@@ -7,6 +7,7 @@ reconciled starts from its watch event instead (see `unstarted_jobs`).
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import logging
@@ -25,6 +26,7 @@ from telechat_operator.builders.configmap import build_config_map
 from telechat_operator.builders.podgroup import build_pod_group
 from telechat_operator.builders.pods import build_merge_pod, build_rank_pod
 from telechat_operator.builders.service import build_service
+from telechat_operator.progress_poll import ProgressPoller, progress_url
 from telechat_operator.settings import OperatorConfig
 from telechat_operator.spec import FinetuneSpec, SpecError, parse
 from telechat_operator.status import (
@@ -33,6 +35,7 @@ from telechat_operator.status import (
     PodView,
     invalid_spec_plan,
     mark_launched,
+    pod_blocker,
     reconcile,
     rests_on_absence,
 )
@@ -95,9 +98,10 @@ def reconcile_finetune(key: Hashable) -> float | None:
             return None
         old_status = job.get("status") or {}
         trace(key, "pods-listed")
-        spec, plan = decide(job, old_status, pod_bodies)
+        progress = latest_progress(key, old_status, pod_bodies)
+        spec, plan = decide(job, old_status, pod_bodies, progress)
         if spec is not None and rests_on_absence(old_status, plan):  # the cache may trail: decide on a fresh list
-            spec, plan = decide(job, old_status, k8s.list_pods(namespace, selector))
+            spec, plan = decide(job, old_status, k8s.list_pods(namespace, selector), progress)
         trace(key, "decided")
         defer_count_only_update(key, old_status, plan)
         try:
@@ -118,7 +122,10 @@ def reconcile_finetune(key: Hashable) -> float | None:
 
 
 def decide(
-    job: Mapping[str, Any], old_status: Mapping[str, Any], pod_bodies: list[dict[str, Any]]
+    job: Mapping[str, Any],
+    old_status: Mapping[str, Any],
+    pod_bodies: list[dict[str, Any]],
+    progress: Mapping[str, Any] | None = None,
 ) -> tuple[FinetuneSpec | None, Plan]:
     """Parse the spec and run the state machine on the job's pods (or report the invalid spec).
 
@@ -132,7 +139,37 @@ def decide(
         return None, invalid_spec_plan(old_status, err, int(meta.get("generation", 1)), now)
     pods = [PodView.from_body(pod) for pod in pod_bodies if owned_by(pod, spec.uid)]
     backoff = Backoff(config.backoff_base_seconds, config.backoff_max_seconds)
-    return spec, reconcile(spec, old_status, pods, now, backoff)
+    return spec, reconcile(spec, old_status, pods, now, backoff, progress)
+
+
+def latest_progress(key: Hashable, old_status: Mapping[str, Any], pod_bodies: list[dict[str, Any]]) -> Any:
+    """The newest progress document rank 0 of the current attempt served, if any (never waits on the pod; see
+    progress_poll). A job whose rank 0 does not run is dropped from polling."""
+    url = None
+    if old_status.get("state") not in c.TERMINAL_STATES:
+        url = progress_url(int(old_status.get("attempt", 0) or 0), pod_bodies)
+    if url is None:
+        progress_poller.forget(key)
+        return None
+    return progress_poller.latest(key, url)
+
+
+# The operator's event loop, for triggers from other threads (the progress poller's).
+event_loop: asyncio.AbstractEventLoop | None = None
+
+
+def trigger_from_thread(key: Hashable) -> None:
+    loop = event_loop
+    if loop is not None and not loop.is_closed():
+        loop.call_soon_threadsafe(queue.trigger, key)
+
+
+progress_poller = ProgressPoller(
+    config.progress_seconds,
+    config.progress_timeout_seconds,
+    on_change=trigger_from_thread,
+    max_backoff=config.resync_seconds,
+)
 
 
 def job_going(err: k8s.ApiError, namespace: str, name: str) -> bool:
@@ -236,12 +273,14 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
     count_transitions(old_status, plan.status)
     for pod_name in plan.delete_pods:
         k8s.delete_pod(meta["namespace"], pod_name)
+    for pod_name in plan.stop_pods:
+        k8s.stop_pod(meta["namespace"], pod_name)
     for event in plan.events:  # best effort and off the pass's path: the status already says it all
         posted = event_pool.submit(k8s.post_event, KIND, job, event.type, event.reason, event.message)
         posted.add_done_callback(log_failure)
-    if patch or plan.create_ranks or plan.create_merge or plan.delete_pods:
+    if patch or plan.create_ranks or plan.create_merge or plan.delete_pods or plan.stop_pods:
         logger.info(
-            "%s/%s: state=%s attempt=%s created ranks %s%s, deleted %s, status %s (%.0f ms)",
+            "%s/%s: state=%s attempt=%s created ranks %s%s, deleted %s%s, status %s (%.0f ms)",
             meta["namespace"],
             meta["name"],
             plan.status.get("state"),
@@ -249,6 +288,7 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
             plan.create_ranks,
             f" and merge pod {plan.create_merge}" if plan.create_merge else "",
             plan.delete_pods,
+            f", stopped {plan.stop_pods}" if plan.stop_pods else "",
             sorted(patch),
             1000 * (time.monotonic() - started),
         )
@@ -315,12 +355,15 @@ queue = WorkQueue(KIND, reconcile_finetune, workers=config.reconcile_workers)
 
 @kopf.on.event(c.GROUP, c.VERSION, c.FINETUNE_PLURAL)
 async def finetune_changed(type: str | None, body: Mapping[str, Any], name: str, namespace: str, **_: Any) -> None:
+    global event_loop
+    event_loop = asyncio.get_running_loop()
     key = (namespace, name)
     trace(key, f"watch-{type}")
     if type == "DELETED":
         unstarted_jobs.pop(key, None)
         pod_versions.pop(key, None)
         own_status_writes.pop(key, None)
+        progress_poller.forget(key)
         queue.forget((namespace, name))
         last_status_write.pop((namespace, name), None)
         states.observe((namespace, name), None)
@@ -334,9 +377,10 @@ async def finetune_changed(type: str | None, body: Mapping[str, Any], name: str,
     queue.trigger(key)
 
 
-# Last (phase, deleting) seen per pod: most pod updates (binding, IPs, conditions) change nothing a job decides
-# on, and skipping them keeps a 64-pod ramp from turning into hundreds of reconcile passes.
-pod_facts: dict[str, tuple[str | None, bool]] = {}
+# Last (phase, deleting, blocker) seen per pod: most pod updates (binding, IPs, conditions) change nothing a job
+# decides on, and skipping them keeps a 64-pod ramp from turning into hundreds of reconcile passes. The blocker
+# (Unschedulable, ImagePullBackOff, ...; see status.pod_blocker) is a fact: the job's Stalled condition reports it.
+pod_facts: dict[str, tuple[str | None, bool, str | None]] = {}
 # (namespace, name) of pods being posted by this process; their first event (ADDED, Pending) starts no pass.
 posted_pods: set[tuple[str, str]] = set()
 
@@ -352,14 +396,19 @@ async def pod_changed(
     if type == "DELETED":
         pod_facts.pop(uid, None)
     else:
-        facts = ((body.get("status") or {}).get("phase"), bool(body["metadata"].get("deletionTimestamp")))
+        blocker = pod_blocker(body)
+        facts = (
+            (body.get("status") or {}).get("phase"),
+            bool(body["metadata"].get("deletionTimestamp")),
+            blocker[0] if blocker else None,
+        )
         if pod_facts.get(uid) == facts:
             return
         pod_facts[uid] = facts
-        if type == "ADDED" and ours and facts == ("Pending", False):
+        if type == "ADDED" and ours and facts == ("Pending", False, None):
             return  # a pod this operator just created, as created: the pass that posted it knows
     # A group's pods change together: a settle turns a burst of their events into one pass. Failures, deletions and
     # ends are acted on after the short one; pods that only progressed wait the longer one (an earlier timer wins).
-    progressed = type != "DELETED" and pod_facts.get(uid) in (("Pending", False), ("Running", False))
+    progressed = type != "DELETED" and pod_facts.get(uid) in (("Pending", False, None), ("Running", False, None))
     settle = config.pod_progress_settle_seconds if progressed else config.pod_event_settle_seconds
     queue.trigger(key, delay=settle)
