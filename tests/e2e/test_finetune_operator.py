@@ -14,7 +14,14 @@ import pytest
 
 from tests.cluster.controlplane import ClusterHandle
 from tests.cluster.waiting import wait_for
-from tests.e2e.finetune_harness import Jobs, OperatorProcess, condition, install, service_account_kubeconfig
+from tests.e2e.finetune_harness import (
+    Jobs,
+    OperatorProcess,
+    condition,
+    eventually,
+    install,
+    service_account_kubeconfig,
+)
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +122,20 @@ def test_exit_code_1_fails_at_once(jobs: Jobs) -> None:
     assert condition(status, "Failed")["reason"] == "NonRetryableExitCode"
     assert status["restarts"] == 0
     failed = ranks[0]["metadata"]["name"]
-    # The surviving rank is stopped; the failed one is kept for `kubectl logs`.
-    wait_for(lambda: [p["metadata"]["name"] for p in jobs.pods("bug")] == [failed] or None, "only the failed pod left")
+    # The surviving rank is stopped; the failed one is kept for `kubectl logs`. Issue 10 item 11: the survivor is
+    # stopped in place (spec.activeDeadlineSeconds, as the kubelet ends a pod past its deadline), not deleted, so
+    # every rank's log stays until ttlSecondsAfterFinished.
+    survivor = ranks[1]["metadata"]["name"]
+
+    def stopped() -> dict | None:
+        pods = {p["metadata"]["name"]: p for p in jobs.pods("bug")}
+        return pods if pods.get(survivor, {}).get("status", {}).get("phase") == "Failed" else None
+
+    pods = wait_for(stopped, "the surviving rank stopped")
+    assert sorted(pods) == sorted([failed, survivor]), "both ranks' pods are kept"
+    assert pods[survivor]["status"]["reason"] == "DeadlineExceeded" and pods[survivor]["spec"]["activeDeadlineSeconds"]
+    terminated = pods[failed]["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == 1
 
 
 def test_a_deleted_rank_pod_restarts_the_group(jobs: Jobs) -> None:
@@ -202,6 +221,107 @@ def test_the_operator_killed_mid_job_resumes_without_duplicates(jobs: Jobs, oper
     status = jobs.wait_state("sturdy", "Succeeded")
     assert (status["attempt"], status["restarts"], status["mergeAttempt"]) == (1, 0, 1)
     assert len(jobs.pods("sturdy", role="merge")) == 1
+
+
+def event_messages(jobs: Jobs, name: str, reason: str) -> list[str]:
+    selector = f"involvedObject.name={name},involvedObject.kind=TeleChatFinetune,reason={reason}"
+    items = json.loads(jobs.kubectl("get", "events", f"--field-selector={selector}", "--output=json").stdout)["items"]
+    return [event["message"] for event in items]
+
+
+def test_a_job_no_node_can_take_says_unschedulable_within_seconds(jobs: Jobs) -> None:
+    """Issue 10 item 1: more NPUs than any fake node has (8): the scheduler's reason reaches the job's status from
+    the pod watch, long before the 300 s resync."""
+    jobs.apply("huge", nodes=1, devicesPerNode=16, parallel={"dataParallel": 16})
+    status = wait_for(
+        lambda: condition(s := jobs.status("huge"), "Stalled").get("status") == "True" and s,
+        "the Stalled condition",
+        timeout=20,
+    )
+    stalled = condition(status, "Stalled")
+    assert stalled["reason"] == "Unschedulable" and stalled["observedGeneration"] == 1
+    assert "Insufficient huawei.com/Ascend910" in stalled["message"]
+    assert "rank 0 pod huge-a1-rank-0" in stalled["message"]
+    assert status["message"] == stalled["message"] and status["state"] == "Pending"
+    assert status["pods"]["pending"] == 1
+    assert "Unschedulable" in jobs.events("huge")
+
+
+def test_a_selector_nothing_matches_stalls_and_clears_once_a_node_matches(jobs: Jobs, cluster: ClusterHandle) -> None:
+    jobs.apply("picky", nodeSelector={"telechat.io/e2e-pool": jobs.namespace})
+    wait_for(
+        lambda: condition(jobs.status("picky"), "Stalled").get("reason") == "Unschedulable" or None,
+        "the Stalled condition",
+        timeout=20,
+    )
+    nodes = json.loads(cluster.kubectl("get", "nodes", "--output=json").stdout)["items"]
+    names = [node["metadata"]["name"] for node in nodes[:2]]
+    cluster.kubectl("label", "nodes", *names, f"telechat.io/e2e-pool={jobs.namespace}", "--overwrite")
+    try:
+        status = jobs.wait_state("picky", "Running", timeout=60)
+        assert condition(status, "Stalled")["status"] == "False"
+    finally:
+        cluster.kubectl("label", "nodes", *names, "telechat.io/e2e-pool-")
+
+
+def test_restarting_names_the_failed_rank_and_exit_code(jobs: Jobs) -> None:
+    jobs.apply("flaky", runPolicy={"backoffLimit": 1})
+    ranks = jobs.wait_pods("flaky", 2, "Running")
+    rank1 = [p for p in ranks if p["metadata"]["labels"]["telechat.io/node-rank"] == "1"]
+    jobs.set_phase(rank1, "Failed", exit_code=137)
+    status = wait_for(lambda: (s := jobs.status("flaky")).get("restarts") == 1 and s, "the restart")
+    restarting = condition(status, "Restarting")
+    assert restarting["reason"] == "ExitCode137"
+    assert restarting["message"].startswith("rank 1 failed with exit code 137 (pod flaky-a1-rank-1)")
+    eventually(
+        lambda: any(
+            m.startswith("rank 1 failed with exit code 137") for m in event_messages(jobs, "flaky", "Restarting")
+        ),
+        "the Restarting Event",
+    )
+    # The retry fails for good: every rank pod of the last attempt is kept (logs) after Failed.
+    ranks = jobs.wait_pods("flaky", 2, "Running", attempt=2)
+    jobs.set_phase(ranks[:1], "Failed", exit_code=137)
+    failed = jobs.wait_state("flaky", "Failed")
+    assert condition(failed, "Failed")["reason"] == "BackoffLimitExceeded"
+    pods = wait_for(
+        lambda: all(p["status"].get("phase") == "Failed" for p in (ps := jobs.pods("flaky"))) and len(ps) == 2 and ps,
+        "both attempt-2 pods ended and kept",
+    )
+    assert {p["metadata"]["labels"]["telechat.io/attempt"] for p in pods} == {"2"}
+
+
+def test_a_failed_job_keeps_its_pods_until_the_ttl(jobs: Jobs) -> None:
+    jobs.apply("keep", runPolicy={"ttlSecondsAfterFinished": 4})
+    ranks = jobs.wait_pods("keep", 2, "Running")
+    jobs.set_phase(ranks[1:], "Failed", exit_code=2)
+    jobs.wait_state("keep", "Failed")
+    assert len(jobs.pods("keep")) == 2
+    wait_for(lambda: not jobs.pods("keep") or None, "the pods removed after ttlSecondsAfterFinished", timeout=30)
+
+
+def test_editing_a_running_job_says_the_change_waits_for_a_restart(jobs: Jobs) -> None:
+    jobs.apply("edit")
+    ranks = jobs.wait_pods("edit", 2, "Running")
+    jobs.wait_state("edit", "Running")
+    rank0 = next(p for p in ranks if p["metadata"]["labels"]["telechat.io/node-rank"] == "0")
+    ports = {port["name"]: port["containerPort"] for port in rank0["spec"]["containers"][0]["ports"]}
+    assert ports["progress"] == 8119  # rank 0 serves /progress; kwok pods never answer: no progress, no error
+    jobs.patch_spec("edit", {"image": "telechat-runtime:v2", "training": {"learningRate": 1e-4}})
+    status = wait_for(
+        lambda: condition(s := jobs.status("edit"), "SpecApplied").get("status") == "False" and s, "SpecApplied=False"
+    )
+    applied = condition(status, "SpecApplied")
+    assert applied["reason"] == "WaitingForRestart" and applied["observedGeneration"] == 2
+    assert applied["message"].startswith("spec.image, spec.training changed while attempt 1 runs")
+    eventually(lambda: "SpecChangeDeferred" in jobs.events("edit"), "the SpecChangeDeferred Event")
+    assert sorted(p["metadata"]["name"] for p in jobs.pods("edit")) == ["edit-a1-rank-0", "edit-a1-rank-1"]
+    assert status["state"] == "Running" and "progress" not in status
+    # A restart builds the group from the edited spec.
+    jobs.set_phase([rank0], "Failed", exit_code=137)
+    new = jobs.wait_pods("edit", 2, "Running", attempt=2)
+    assert {p["spec"]["containers"][0]["image"] for p in new} == {"telechat-runtime:v2"}
+    eventually(lambda: condition(jobs.status("edit"), "SpecApplied").get("status") == "True", "SpecApplied=True")
 
 
 def test_health_and_metrics_endpoints(jobs: Jobs, operator: OperatorProcess) -> None:
