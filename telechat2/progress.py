@@ -120,12 +120,18 @@ def progress_callback(
 
         def on_train_step_end(self, run_context: Any) -> None:
             params = run_context.original_args()
-            self.durations = [*self.durations[-9:], time.time() - self.step_started]
+            dataset = params.get("train_dataset")
+            elapsed = time.time() - self.step_started
+            if params.get("dataset_sink_mode") and dataset is not None:
+                # One "step" of the callback is a sink of batch_num steps; an epoch is the dataset's size.
+                elapsed /= max(int(params.batch_num), 1)
+                steps_per_epoch = int(dataset.get_dataset_size())
+            else:
+                steps_per_epoch = int(params.batch_num)
+            self.durations = [*self.durations[-9:], elapsed]
             step_seconds = sum(self.durations) / len(self.durations)
-            steps_per_epoch = int(params.batch_num)
-            initial = int(params.get("initial_step", 0) or 0) if hasattr(params, "get") else 0
-            step = int(params.cur_step_num) + initial
-            batch = int(params.train_dataset.get_batch_size()) if params.get("train_dataset") else 0
+            step = int(params.cur_step_num) + int(params.get("initial_step", 0) or 0)
+            batch = int(dataset.get_batch_size()) if dataset is not None else 0
             tokens = batch * seq_length * tokens_scale
             record = {
                 "rank": rank,
