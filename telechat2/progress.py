@@ -113,7 +113,8 @@ def progress_callback(
             super().__init__()
             self.step_started = time.time()
             self.durations: list[float] = []
-            self.initial_step = 0
+            self.last: dict[str, Any] | None = None
+            self.steps_per_epoch = 1
 
         def on_train_step_begin(self, run_context: Any) -> None:
             self.step_started = time.time()
@@ -133,6 +134,7 @@ def progress_callback(
             step = int(params.cur_step_num) + int(params.get("initial_step", 0) or 0)
             batch = int(dataset.get_batch_size()) if dataset is not None else 0
             tokens = batch * seq_length * tokens_scale
+            self.steps_per_epoch = steps_per_epoch
             record = {
                 "rank": rank,
                 "attempt": attempt,
@@ -145,9 +147,20 @@ def progress_callback(
                 "time": time.time(),
                 "checkpointSteps": checkpoint_steps(Path(output_dir) / "checkpoint" / f"rank_{rank}", steps_per_epoch),
             }
+            self.last = record
+            self.write(record)
+
+        def on_train_end(self, run_context: Any) -> None:
+            """The checkpoint saved when training ends comes after the last step's record: list it too (this
+            callback runs after MindFormers' CheckpointMonitor)."""
+            if self.last is not None:
+                rank_dir = Path(output_dir) / "checkpoint" / f"rank_{rank}"
+                self.write({**self.last, "checkpointSteps": checkpoint_steps(rank_dir, self.steps_per_epoch)})
+
+        def write(self, record: dict[str, Any]) -> None:
             try:
                 write_record(output_dir, rank, record)
-            except OSError as err:  # progress is informative: never stop training over it
+            except (OSError, ValueError) as err:  # progress is informative: never stop training over it
                 print(f"telechat2 finetune: could not write progress: {err}", flush=True)
 
     return ProgressCallback()
