@@ -99,3 +99,12 @@ def test_launch_parses_the_progress_options() -> None:
     configure_parser(parser)
     args = parser.parse_args(["--progress_dir", "/out", "--progress_port", "9000", "--", "true"])
     assert (args.progress_dir, args.progress_port) == ("/out", 9000)
+
+
+def test_tokens_scale_counts_every_data_parallel_shard_unless_ranks_read_the_full_batch() -> None:
+    from telechat2.train import tokens_scale
+
+    sharded = {"use_parallel": True, "parallel": {"full_batch": False}, "parallel_config": {"data_parallel": 4}}
+    assert tokens_scale(sharded) == 4
+    assert tokens_scale({**sharded, "parallel": {"full_batch": True}}) == 1
+    assert tokens_scale({**sharded, "use_parallel": False}) == 1
