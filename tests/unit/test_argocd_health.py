@@ -110,6 +110,16 @@ def test_finetune_phases_before_success_are_progressing(phase: str) -> None:
     assert (state, message) == ("Progressing", f"{phase}Reason")
 
 
+def test_a_stalled_finetune_is_progressing_and_says_why() -> None:
+    stuck = "rank 0 pod ft-a1-rank-0 is Pending: Unschedulable: 0/4 nodes are available"
+    stalled = condition("Stalled", "True", "Unschedulable", message=stuck)
+    conditions = [condition("Created", "True", "PodsCreated"), stalled]
+    state, message = health("TeleChatFinetune", finetune({"state": "Pending", "conditions": conditions}))
+    assert (state, message) == ("Progressing", f"Unschedulable: {stuck}")
+    cleared = [conditions[0], condition("Stalled", "False", "AllRanksRunning"), condition("Running", "True", "Up")]
+    assert health("TeleChatFinetune", finetune({"state": "Running", "conditions": cleared})) == ("Progressing", "Up")
+
+
 def test_succeeded_finetune_is_healthy_and_names_the_checkpoint() -> None:
     status = {
         "state": "Succeeded",

@@ -85,9 +85,10 @@ if is_true(suspended) or (suspended == nil and state == "Suspended") then
   return hs
 end
 
--- Still on its way: say which phase it is in, most specific first.
+-- Still on its way: say which phase it is in, most specific first; first of all why it is stuck, if it is
+-- (Stalled: rank pods Unschedulable, ImagePullBackOff, ... -- the user must act, but the job has not failed).
 hs.status = "Progressing"
-for _, phase in ipairs({ "Merging", "Restarting", "Running", "Created" }) do
+for _, phase in ipairs({ "Stalled", "Merging", "Restarting", "Running", "Created" }) do
   local condition = find_condition(conditions, phase)
   if is_true(condition) then
     hs.message = describe(condition, phase)
