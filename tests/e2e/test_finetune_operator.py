@@ -284,10 +284,12 @@ def test_restarting_names_the_failed_rank_and_exit_code(jobs: Jobs) -> None:
     jobs.set_phase(ranks[:1], "Failed", exit_code=137)
     failed = jobs.wait_state("flaky", "Failed")
     assert condition(failed, "Failed")["reason"] == "BackoffLimitExceeded"
-    pods = wait_for(
-        lambda: all(p["status"].get("phase") == "Failed" for p in (ps := jobs.pods("flaky"))) and len(ps) == 2 and ps,
-        "both attempt-2 pods ended and kept",
-    )
+
+    def ended_and_kept() -> list[dict] | None:
+        pods = jobs.pods("flaky")
+        return pods if len(pods) == 2 and all(p["status"].get("phase") == "Failed" for p in pods) else None
+
+    pods = wait_for(ended_and_kept, "both attempt-2 pods ended and kept")
     assert {p["metadata"]["labels"]["telechat.io/attempt"] for p in pods} == {"2"}
 
 
