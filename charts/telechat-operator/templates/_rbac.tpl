@@ -32,7 +32,7 @@ Namespaced rules: granted cluster-wide in `cluster` scope and in the watched nam
 # Gang scheduling with Volcano.
 - apiGroups: ["scheduling.volcano.sh"]
   resources: ["podgroups"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "delete"]
 {{- if and .Values.peering.enabled (eq .Values.scope "namespace") }}
 # kopf peering between operator replicas (namespace scope; cluster scope uses clusterkopfpeerings).
 - apiGroups: ["kopf.dev"]
