@@ -145,12 +145,18 @@ def etcd_command(binary: Path, data_dir: Path, ports: Ports) -> list[str]:
 
 
 def apiserver_command(
-    binary: Path, pki: Path, ports: Ports, advertise_address: str | None, cert_dir: Path
+    binary: Path,
+    pki: Path,
+    ports: Ports,
+    advertise_address: str | None,
+    cert_dir: Path,
+    bind_address: str = "127.0.0.1",
 ) -> list[str]:
+    """The API server's command line; real nodes bind it to their bridge's address so pods can reach it."""
     command = [
         str(binary),
         f"--etcd-servers=http://127.0.0.1:{ports.etcd_client}",
-        "--bind-address=127.0.0.1",
+        f"--bind-address={bind_address}",
         f"--secure-port={ports.apiserver}",
         f"--cert-dir={cert_dir}",
         f"--tls-cert-file={pki / 'apiserver.crt'}",
