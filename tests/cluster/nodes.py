@@ -677,7 +677,7 @@ class RealNodes:
     def import_archive(self, name: str, archive: Path) -> None:
         """Load an image archive into node `name`'s containerd (namespace k8s.io, where the kubelet looks)."""
         socket = self.containerd_socket(name)
-        command = [self.tools.ctr, f"--address={socket}", "--namespace=k8s.io", "images", "import", "--no-unpack"]
+        command = [self.tools.ctr, f"--address={socket}", "--namespace=k8s.io", "images", "import"]
         _run([*command, str(archive)], f"containerd-{name}", timeout=600)
 
     def teardown(self, log: Callable[[str], None] = lambda m: None) -> None:

@@ -19,7 +19,22 @@ from tests.cluster.errors import ClusterError
 
 BUSYBOX = Path("/bin/busybox")
 # The applets the checks use; each is a symlink to /bin/busybox in the image.
-APPLETS = ("sh", "sleep", "nslookup", "wget", "nc", "httpd", "cat", "echo", "hostname", "ls", "ip", "mkdir", "true")
+APPLETS = (
+    "sh",
+    "sleep",
+    "nslookup",
+    "wget",
+    "ssl_client",
+    "nc",
+    "httpd",
+    "cat",
+    "echo",
+    "hostname",
+    "ls",
+    "ip",
+    "mkdir",
+    "true",
+)
 REPOSITORY = "localhost/telechat-busybox"
 
 
