@@ -183,14 +183,19 @@ class LocalCluster(ClusterHandle):
                 )
             deadline = time.monotonic() + DRAIN_TIMEOUT
             while time.monotonic() < deadline:
-                if not any(self._pods_on(name) for name in names):
+                left = [self._pods_on(name) for name in names]
+                if None in left:
+                    self.log("real nodes: the API server does not answer; killing their containers")
+                    return
+                if not any(left):
                     return
                 time.sleep(0.5)
             self.log(f"real nodes: pods still on {', '.join(names)} after {DRAIN_TIMEOUT:.0f}s; killing them")
         except (ClusterError, subprocess.TimeoutExpired) as error:
             self.log(f"real nodes: drain failed ({error}); killing their containers")
 
-    def _pods_on(self, node: str) -> bool:
+    def _pods_on(self, node: str) -> bool | None:
+        """Whether pods are left on `node`; None when the API server cannot say."""
         result = self.kubectl(
             "get",
             "pods",
@@ -200,7 +205,7 @@ class LocalCluster(ClusterHandle):
             check=False,
             timeout=20,
         )
-        return result.returncode != 0 or bool(result.stdout.strip())
+        return None if result.returncode != 0 else bool(result.stdout.strip())
 
     def _start(self, binaries: dict[str, Path], started: float) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)

@@ -590,11 +590,16 @@ def cleanup_state_dir(
     for rule in forward_cleanup_rules():
         _run([tools.iptables, "-w", *rule], "iptables", check=False)
     _cleanup_kube_proxy_rules(tools)
-    with contextlib.suppress(OSError):
-        Path("/proc/sys/net/ipv4/ip_forward").write_text(network.get("ip_forward", "0"))
+    if not _other_bridges():  # another bridge on the host (someone else's) may need forwarding: leave it on
+        with contextlib.suppress(OSError):
+            Path("/proc/sys/net/ipv4/ip_forward").write_text(network.get("ip_forward", "0"))
     if _bridge_owner() == str(state_dir.resolve()):
         _owner_file().unlink(missing_ok=True)
     network_file.unlink(missing_ok=True)
+
+
+def _other_bridges() -> list[str]:
+    return sorted(path.parent.name for path in Path("/sys/class/net").glob("*/bridge") if path.parent.name != BRIDGE)
 
 
 def _bridge_ports(bridge: str) -> list[str]:
