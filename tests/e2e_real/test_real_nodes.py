@@ -8,8 +8,8 @@ import json
 import urllib.request
 
 from tests.cluster import nodes
-from tests.cluster.controlplane import ClusterHandle
 from tests.cluster.build import cache_root
+from tests.cluster.controlplane import ClusterHandle
 from tests.cluster.testimage import ensure_busybox_image
 from tests.cluster.waiting import wait_for
 
