@@ -246,7 +246,13 @@ class LocalCluster(ClusterHandle):
         self._wait_http("etcd", f"http://127.0.0.1:{ports.etcd_client}/health", None, started)
 
         apiserver_cmd = render.apiserver_command(
-            binaries["kube-apiserver"], pki_dir, ports, advertise, self.state_dir / "pki" / "generated", bind
+            binaries["kube-apiserver"],
+            pki_dir,
+            ports,
+            advertise,
+            self.state_dir / "pki" / "generated",
+            bind,
+            kubelet_by_ip=self.real is not None,
         )
         self._launch("kube-apiserver", apiserver_cmd)
         admin_tls = ssl.create_default_context(cafile=str(pki_dir / "ca.crt"))

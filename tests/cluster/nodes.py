@@ -19,6 +19,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -207,6 +208,7 @@ def kubelet_config(
         "registerNode": True,
         "rotateCertificates": False,
         "volumePluginDir": str(node_dir / "kubelet" / "volume-plugins"),
+        "podLogsDir": str(node_dir / "kubelet" / "pod-logs"),  # not the host's /var/log/pods
         "maxPods": 50,
         "podPidsLimit": -1,
         "shutdownGracePeriod": "0s",
@@ -617,7 +619,7 @@ def _cleanup_kube_proxy_rules(tools: Tools) -> None:
             if line.startswith("-A ") and " -j KUBE-" in line and not line.split()[1].startswith("KUBE-")
         ]
         for line in jumps:
-            _run([tools.iptables, "-w", "-t", table, "-D", *line.split()[1:]], "iptables", check=False)
+            _run([tools.iptables, "-w", "-t", table, "-D", *shlex.split(line)[1:]], "iptables", check=False)
         chains = [line.split()[1] for line in listing if line.startswith("-N KUBE-")]
         for chain in chains:
             _run([tools.iptables, "-w", "-t", table, "-F", chain], "iptables", check=False)

@@ -151,6 +151,7 @@ def apiserver_command(
     advertise_address: str | None,
     cert_dir: Path,
     bind_address: str = "127.0.0.1",
+    kubelet_by_ip: bool = False,
 ) -> list[str]:
     """The API server's command line; real nodes bind it to their bridge's address so pods can reach it."""
     command = [
@@ -179,6 +180,9 @@ def apiserver_command(
         "--profiling=false",
         "--v=1",
     ]
+    if kubelet_by_ip:
+        # Real nodes' names resolve nowhere; their InternalIP (the bridge address) and port do.
+        command.append("--kubelet-preferred-address-types=InternalIP")
     if advertise_address is not None:
         command.append(f"--advertise-address={advertise_address}")
         if ipaddress.ip_address(advertise_address).is_loopback:

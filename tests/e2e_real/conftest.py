@@ -34,6 +34,8 @@ def leftovers(state_dir: os.PathLike[str] | str) -> list[str]:
     chains = subprocess.run(["iptables", "-w", "-S"], capture_output=True, text=True, check=False).stdout
     if nodes.FORWARD_CHAIN in chains:
         found.append(f"iptables chain {nodes.FORWARD_CHAIN}")
+    nat = subprocess.run(["iptables", "-w", "-t", "nat", "-S"], capture_output=True, text=True, check=False).stdout
+    found += [f"iptables {line}" for line in (chains + nat).splitlines() if "KUBE-" in line]
     found += [f"process {p.name} ({p.pid})" for p in procs.referencing([state / nodes.NODES_DIR])]
     return found
 

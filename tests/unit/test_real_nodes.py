@@ -79,6 +79,22 @@ def test_kubelet_configs_of_two_nodes_do_not_share_cgroups_ports_or_dirs(tmp_pat
         assert config["cgroupDriver"] == "cgroupfs" and config["failCgroupV1"] is False
         assert config["clusterDNS"] == [nodes.GATEWAY] and config["address"] == nodes.GATEWAY
         assert config["readOnlyPort"] == 0
+        assert Path(config["podLogsDir"]).is_relative_to(tmp_path)  # never the host's /var/log/pods
+        assert Path(config["volumePluginDir"]).is_relative_to(tmp_path)
+
+
+def test_real_mode_api_server_binds_the_bridge_and_reaches_kubelets_by_ip(tmp_path: Path) -> None:
+    from tests.cluster import render
+
+    ports = render.Ports(1, 2, 3, 4, 5, 6)
+    command = render.apiserver_command(
+        Path("kube-apiserver"), tmp_path, ports, nodes.GATEWAY, tmp_path, nodes.GATEWAY, kubelet_by_ip=True
+    )
+    assert f"--bind-address={nodes.GATEWAY}" in command
+    assert "--kubelet-preferred-address-types=InternalIP" in command
+    fake_only = render.apiserver_command(Path("kube-apiserver"), tmp_path, ports, None, tmp_path)
+    assert "--bind-address=127.0.0.1" in fake_only
+    assert not any(arg.startswith("--kubelet-preferred-address-types") for arg in fake_only)
 
 
 def test_kubelet_command_names_the_node_and_labels_it_real(tmp_path: Path) -> None:
