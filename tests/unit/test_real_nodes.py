@@ -245,3 +245,23 @@ def test_busybox_archive_is_a_loadable_docker_archive() -> None:
         assert rootfs.extractfile("bin/busybox").read() == b"\x7fELF fake busybox"  # type: ignore[union-attr]
     assert {"bin/sh", "bin/nslookup", "bin/wget", "bin/httpd"} <= set(names)
     assert docker_archive(b"\x7fELF fake busybox", "abc123")[0] == data  # deterministic: cacheable by content
+
+
+def test_setup_network_refuses_an_existing_bridge_naming_its_owner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(nodes, "link_exists", lambda name: name == nodes.BRIDGE)
+    monkeypatch.setattr(nodes, "_bridge_owner", lambda: "/somewhere/.cluster/pytest-1-real")
+    with pytest.raises(ClusterError) as raised:
+        nodes.setup_network(tmp_path)
+    message = str(raised.value)
+    assert message.startswith(f"network: bridge {nodes.BRIDGE} already exists")
+    assert "/somewhere/.cluster/pytest-1-real" in message and "tests.cluster down" in message
+    assert not (tmp_path / nodes.NODES_DIR / nodes.NETWORK_FILE).exists()  # nothing recorded, nothing to undo
+
+
+def test_cleanup_of_a_dir_without_real_nodes_does_nothing(tmp_path: Path) -> None:
+    nodes.cleanup_state_dir(tmp_path)  # no nodes dir: must not touch the host
+    (tmp_path / nodes.NODES_DIR).mkdir()
+    nodes.cleanup_state_dir(tmp_path, tools=nodes.Tools(cgroup_mount=tmp_path / "no-cgroup"))
+    assert (tmp_path / nodes.NODES_DIR).is_dir()
