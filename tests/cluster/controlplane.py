@@ -313,7 +313,7 @@ class LocalCluster(ClusterHandle):
             self._wait_until(f"containerd-{name}", "ready", lambda name=name: real.containerd_ready(name), started)
             real.import_archive(name, busybox.archive)
             if self.image_importer is not None:
-                self.image_importer(f"unix://{real.containerd_socket(name)}")
+                self.image_importer(str(real.containerd_socket(name)))  # a path, as `ctr --address` takes it
         labels = nodes_module.node_labels(real.npus)
         for name in names:
             command = nodes_module.kubelet_command(binaries["kubelet"], name, real.node_dir(name), labels)
