@@ -1,7 +1,8 @@
 """Shared pytest wiring.
 
-Tests under tests/unit are marked `unit`, tests under tests/e2e are marked `e2e`. The session fixture `cluster`
-is the local control plane (`tests/cluster`): started the first time a test asks for it, stopped at session end.
+Tests under tests/unit are marked `unit`, tests under tests/e2e `e2e`, tests under tests/e2e_real `real`.
+The session fixture `cluster` is the local control plane (`tests/cluster`): started the first time a test asks
+for it, stopped at session end.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ if TYPE_CHECKING:  # the cluster tooling needs `cryptography`; unit-only runs sh
 TESTS_DIR = Path(__file__).parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Registered here, not in pyproject.toml: a pyproject change makes every checkout's ensure_venv reinstall.
+    config.addinivalue_line("markers", "real: end-to-end tests on real nodes (containerd + kubelet, root; e2e_real)")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         parts = Path(str(item.fspath)).relative_to(TESTS_DIR).parts
@@ -25,6 +31,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.unit)
         elif parts and parts[0] == "e2e":
             item.add_marker(pytest.mark.e2e)
+        elif parts and parts[0] == "e2e_real":
+            item.add_marker(pytest.mark.real)
 
 
 @pytest.fixture(scope="session")

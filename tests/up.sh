@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # README's first command: bring the local simulated Ascend cluster up (building what it must) and say how to use it.
-#   bash tests/up.sh [--nodes N] [--state-dir DIR]      stop it with: .venv/bin/python -m tests.cluster down [--state-dir DIR]
+#   bash tests/up.sh [--nodes N] [--real [N]] [--state-dir DIR]
+#   stop it with: .venv/bin/python -m tests.cluster down [--state-dir DIR]
+# --real adds N (default 2) real nodes that run pods (containerd + kubelet, CNI bridge, kube-proxy, CoreDNS; root).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source tests/cluster/lib.sh
+real=""
+for arg in "$@"; do
+  if [ "$arg" = "--real" ]; then real="--real"; fi
+done
+[ -z "$real" ] || ensure_debian_packages
 ensure_go_on_path
 ensure_venv
-.venv/bin/python -m tests.cluster build >/dev/null
+.venv/bin/python -m tests.cluster build $real >/dev/null
 exports="$(.venv/bin/python -m tests.cluster up "$@")"
 eval "$exports" # KUBECONFIG and PATH for the hook below
 hook_status=0

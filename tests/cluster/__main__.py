@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tests.cluster import procs
 from tests.cluster.build import ensure_built
+from tests.cluster.components import COMPONENTS, NODE_COMPONENTS
 from tests.cluster.controlplane import DEFAULT_STATE_DIR, LocalCluster, memory_report, running_on, stop_state_dir
 from tests.cluster.errors import ClusterError
 
@@ -21,7 +22,7 @@ def _log(message: str) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    binaries = ensure_built(log=_log)
+    binaries = ensure_built(_components(args), log=_log)
     for name, path in binaries.items():
         print(f"{name}: {path}")
     _log(f"build: done in {time.monotonic() - started:.1f}s")
@@ -50,13 +51,20 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _components(args: argparse.Namespace) -> tuple:
+    """The control plane's binaries, plus kubelet, kube-proxy and CoreDNS only when real nodes are asked for."""
+    return (*COMPONENTS, *NODE_COMPONENTS) if getattr(args, "real", 0) else COMPONENTS
+
+
 def _up(args: argparse.Namespace) -> int:
-    binaries = ensure_built(log=_log)
+    binaries = ensure_built(_components(args), log=_log)
     # Detached: the components outlive this command (no parent-death signal); `down` stops them via the pidfile.
-    cluster = LocalCluster(args.state_dir, nodes=args.nodes, die_with_parent=False, log=_log)
+    cluster = LocalCluster(args.state_dir, nodes=args.nodes, die_with_parent=False, log=_log, real_nodes=args.real)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # so an interrupted `up` still stops what it started
     cluster.start(binaries)
-    _log(f"cluster up in {cluster.timings['total']:.1f}s ({args.nodes} fake Ascend nodes); logs: {cluster.logs_dir}")
+    real = f" and {args.real} real nodes" if args.real else ""
+    nodes = f"{args.nodes} fake Ascend nodes{real}"
+    _log(f"cluster up in {cluster.timings['total']:.1f}s ({nodes}); logs: {cluster.logs_dir}")
     print(f"export KUBECONFIG={cluster.kubeconfig}")
     print(f"export PATH={cluster.bin_dir}:$PATH")
     return 0
@@ -100,7 +108,7 @@ def _status(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.cluster", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("build", help="build (or find cached) etcd, Kubernetes, kwok and helm binaries")
+    build = commands.add_parser("build", help="build (or find cached) etcd, Kubernetes, kwok and helm binaries")
     images = commands.add_parser("images", help="build (or find cached) the base, pause, operator and runtime images")
     images.add_argument("--only", default="", help="comma-separated subset of base,pause,operator,runtime")
     images.add_argument(
@@ -110,6 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     images.add_argument("--snapshotter", default=None, help="containerd snapshotter for --import (default: its own)")
     up = commands.add_parser("up", help="start the cluster detached and print the KUBECONFIG to export")
     up.add_argument("--nodes", type=int, default=4, help="number of fake Ascend nodes (default 4)")
+    for command in (build, up):
+        command.add_argument(
+            "--real",
+            type=int,
+            nargs="?",
+            const=2,
+            default=0,
+            metavar="N",
+            help="also N real nodes (containerd + kubelet, default 2; needs root): builds kubelet, kube-proxy, coredns",
+        )
     for command in (up, commands.add_parser("down", help="stop it"), commands.add_parser("status", help="show it")):
         command.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="default: .cluster/ in the repo")
     args = parser.parse_args(argv)

@@ -49,10 +49,10 @@ _KUBE_LDFLAGS = (
 )
 
 
-def _kube(name: str, version_args: tuple[str, ...] = ("--version",)) -> Component:
+def _kube(name: str, version_args: tuple[str, ...] = ("--version",), module_dir: str = "kubernetes") -> Component:
     return Component(
         name=name,
-        module_dir="kubernetes",
+        module_dir=module_dir,
         module="k8s.io/kubernetes",
         package=f"k8s.io/kubernetes/cmd/{name}",
         version_args=version_args,
@@ -78,7 +78,22 @@ COMPONENTS: tuple[Component, ...] = (
     ),
 )
 
-COMPONENTS_BY_NAME = {component.name: component for component in COMPONENTS}
+# The real-node mode's extra binaries, built only when real nodes are asked for (the fake-only path stays as fast).
+# kubelet and kube-proxy come from their own module pinned to the same Kubernetes version as the control plane
+# (a unit test holds the two pins equal), so adding them leaves the control plane's cache key unchanged.
+NODE_COMPONENTS: tuple[Component, ...] = (
+    _kube("kubelet", module_dir="kubernetes-node"),
+    _kube("kube-proxy", module_dir="kubernetes-node"),
+    Component(
+        "coredns",
+        "coredns",
+        "github.com/coredns/coredns",
+        "telechat.io/testcluster/coredns",
+        version_args=("-version",),
+    ),
+)
+
+COMPONENTS_BY_NAME = {component.name: component for component in (*COMPONENTS, *NODE_COMPONENTS)}
 
 
 def pinned_version(go_mod: Path, module: str) -> str:

@@ -37,3 +37,22 @@ ensure_venv() {
   echo "$wanted" >"$stamp"
   echo "venv: installed in $((SECONDS - started))s" >&2
 }
+
+# Install the Debian packages the real-node mode needs (containerd, runc, CNI plugins, iptables, busybox for its
+# test image), only those missing; `apt-get update` once, first. Needs root (the real nodes need it anyway).
+REAL_NODE_DEBIAN_PACKAGES="containerd runc containernetworking-plugins iptables iproute2 busybox-static"
+ensure_debian_packages() {
+  local missing=() package
+  for package in $REAL_NODE_DEBIAN_PACKAGES "$@"; do
+    dpkg-query --show --showformat='${db:Status-Status}' "$package" 2>/dev/null | grep -qx installed ||
+      missing+=("$package")
+  done
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "error: Debian packages missing for the real nodes: ${missing[*]} (install them as root)" >&2
+    return 1
+  fi
+  echo "apt: installing ${missing[*]}" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+}

@@ -164,3 +164,24 @@ def write_pki(directory: Path, serving_ips: list[str], serving_dns: list[str]) -
         paths[f"{name}{suffix}"] = cert_path
         paths[f"{name}.key"] = key_path
     return paths
+
+
+def load_ca(directory: Path) -> tuple[KeyPair, ec.EllipticCurvePrivateKey]:
+    """The CA `write_pki` wrote into `directory`, to sign more certificates later (the real nodes' identities)."""
+    cert_pem = (directory / "ca.crt").read_bytes()
+    key_pem = (directory / "ca.key").read_bytes()
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{directory / 'ca.key'}: not an EC key")
+    return KeyPair(cert_pem, key_pem), key
+
+
+def write_client_cert(directory: Path, name: str, user: str, groups: tuple[str, ...]) -> KeyPair:
+    """Sign a client certificate for `user` (in `groups`) with the CA in `directory`; write `<name>.crt/.key`."""
+    ca, ca_key = load_ca(directory)
+    pair = make_client_cert(ca, ca_key, user, groups)
+    (directory / f"{name}.crt").write_bytes(pair.cert_pem)
+    key_path = directory / f"{name}.key"
+    key_path.write_bytes(pair.key_pem)
+    key_path.chmod(0o600)
+    return pair

@@ -145,12 +145,19 @@ def etcd_command(binary: Path, data_dir: Path, ports: Ports) -> list[str]:
 
 
 def apiserver_command(
-    binary: Path, pki: Path, ports: Ports, advertise_address: str | None, cert_dir: Path
+    binary: Path,
+    pki: Path,
+    ports: Ports,
+    advertise_address: str | None,
+    cert_dir: Path,
+    bind_address: str = "127.0.0.1",
+    kubelet_by_ip: bool = False,
 ) -> list[str]:
+    """The API server's command line; real nodes bind it to their bridge's address so pods can reach it."""
     command = [
         str(binary),
         f"--etcd-servers=http://127.0.0.1:{ports.etcd_client}",
-        "--bind-address=127.0.0.1",
+        f"--bind-address={bind_address}",
         f"--secure-port={ports.apiserver}",
         f"--cert-dir={cert_dir}",
         f"--tls-cert-file={pki / 'apiserver.crt'}",
@@ -173,6 +180,9 @@ def apiserver_command(
         "--profiling=false",
         "--v=1",
     ]
+    if kubelet_by_ip:
+        # Real nodes' names resolve nowhere; their InternalIP (the bridge address) and port do.
+        command.append("--kubelet-preferred-address-types=InternalIP")
     if advertise_address is not None:
         command.append(f"--advertise-address={advertise_address}")
         if ipaddress.ip_address(advertise_address).is_loopback:

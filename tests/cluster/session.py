@@ -19,18 +19,23 @@ from types import FrameType
 
 from tests.cluster import procs
 from tests.cluster.build import ensure_built, link_bin_dir
+from tests.cluster.components import COMPONENTS, NODE_COMPONENTS
 from tests.cluster.controlplane import DEFAULT_STATE_DIR, ClusterHandle, LocalCluster, stop_state_dir
+from tests.cluster.errors import ClusterError
+from tests.cluster.nodes import remove_nodes_dir
 
 REUSE_ENV = "TELECHAT_CLUSTER_KUBECONFIG"
+REAL_REUSE_ENV = "TELECHAT_REAL_CLUSTER_KUBECONFIG"  # the same for the real-node session (`up --real`)
 # Each session gets `.cluster/pytest-<pid>`: a session never resets a cluster brought up by hand in .cluster/ nor
 # one of another session running at the same time in the same checkout.
 SESSION_DIR_PREFIX = "pytest-"
 
 
 @contextmanager
-def session_cluster() -> Iterator[ClusterHandle]:
-    binaries = ensure_built()
-    reuse = os.environ.get(REUSE_ENV)
+def session_cluster(real_nodes: int = 0) -> Iterator[ClusterHandle]:
+    """The session's cluster; with `real_nodes` its own one (`pytest-<pid>-real`) with that many real nodes."""
+    binaries = ensure_built((*COMPONENTS, *NODE_COMPONENTS) if real_nodes else COMPONENTS)
+    reuse = os.environ.get(REAL_REUSE_ENV if real_nodes else REUSE_ENV)
     if reuse:
         kubeconfig = Path(reuse).resolve()
         with tempfile.TemporaryDirectory(prefix="telechat-cluster-bin-") as bin_dir:
@@ -38,9 +43,9 @@ def session_cluster() -> Iterator[ClusterHandle]:
         return
     parent = Path(os.environ.get("TELECHAT_CLUSTER_STATE_DIR", DEFAULT_STATE_DIR))
     sweep_stale_sessions(parent)
-    state_dir = parent / f"{SESSION_DIR_PREFIX}{os.getpid()}"
-    nodes = int(os.environ.get("TELECHAT_CLUSTER_NODES", "4"))
-    cluster = LocalCluster(state_dir, nodes=nodes, die_with_parent=True)
+    state_dir = parent / f"{SESSION_DIR_PREFIX}{os.getpid()}{'-real' if real_nodes else ''}"
+    nodes = 1 if real_nodes else int(os.environ.get("TELECHAT_CLUSTER_NODES", "4"))
+    cluster = LocalCluster(state_dir, nodes=nodes, die_with_parent=True, real_nodes=real_nodes)
     with _stopped_on_exit(cluster):
         cluster.start(binaries)
         yield cluster
@@ -55,10 +60,14 @@ def sweep_stale_sessions(parent: Path) -> int:
         pidfile = state_dir / "pids.json"
         if pidfile.exists() and procs.owner_alive(pidfile):
             continue
-        owner = state_dir.name.removeprefix(SESSION_DIR_PREFIX)
+        owner = state_dir.name.removeprefix(SESSION_DIR_PREFIX).removesuffix("-real")
         if not pidfile.exists() and owner.isdigit() and procs.process_start_time(int(owner)) is not None:
             continue  # a session that is still starting (no pidfile yet)
         stop_state_dir(state_dir)
+        try:
+            remove_nodes_dir(state_dir)  # refuses while a mount is left: rmtree must never cross one
+        except ClusterError:
+            continue
         shutil.rmtree(state_dir, ignore_errors=True)
         removed += 1
     return removed
