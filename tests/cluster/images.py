@@ -550,8 +550,14 @@ class _Builder:
     def _drop_older(self, ref: ImageRef, log_path: Path) -> None:
         """Remove older builds of the same repository from buildah's storage (a runtime is 3.6 GB; the archives
         are the cache, and `prune_archives()` removes stale ones)."""
-        listed = self._bah(log_path, "images", "--noheading", "--format={{.Name}}:{{.Tag}}", ref.repository)
-        for name in sorted(set(listed.split()) - {ref.ref}):
+        # All images, filtered here: `buildah images <repository>` looks the name up as <repository>:latest and
+        # fails with "image not known". Cleaning up is best effort: the archive is already complete.
+        try:
+            listed = self._bah(log_path, "images", "--noheading", "--format={{.Name}}:{{.Tag}}")
+        except ClusterError:
+            return
+        same_repository = {name for name in listed.split() if name.rpartition(":")[0] == ref.repository}
+        for name in sorted(same_repository - {ref.ref}):
             with contextlib.suppress(ClusterError):
                 self._bah(log_path, "rmi", "--force", name)
         with contextlib.suppress(ClusterError):

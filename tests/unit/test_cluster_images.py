@@ -472,3 +472,29 @@ def test_prune_keeps_the_current_archives_and_what_is_not_ours(tmp_path: Path) -
             "runtime-notes.txt",
         ]
     )
+
+
+def test_older_builds_of_the_repository_are_dropped_after_a_build(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Like buildah: `buildah images NAME` looks NAME up as NAME:latest ("image not known" for a repository whose
+    images all have other tags), so the old builds are found by listing everything and filtering by repository."""
+    repo, root = make_repo(tmp_path), tmp_path / "cache"
+    stored = ["localhost/telechat-base:old111", "localhost/other:1", "localhost/telechat-base-extra:x"]
+    runner = FakeRunner()
+
+    def buildah_like(
+        command: list[str], log_path: Path, env: Mapping[str, str] | None = None, cwd: object = None
+    ) -> str:
+        if command[0] == "buildah" and "images" in command:
+            positional = [a for a in command[command.index("images") + 1 :] if not a.startswith("--")]
+            if positional:
+                raise ClusterError("buildah", f"Error: {positional[0]}: image not known", log_path)
+            return "\n".join([*stored, *(c[-1].split("=", 1)[1] for c in runner.commands if "--tag" in " ".join(c))])
+        return runner(command, log_path, env, cwd)
+
+    monkeypatch.setattr(images, "_runner", lambda recorder: buildah_like)
+    refs = images.ensure_images(["base"], root=root, repo=repo, install_packages=False)
+    assert images.is_cached(refs["base"])
+    removed = [c[-1] for c in runner.commands if "rmi" in c and "--force" in c]
+    assert removed == ["localhost/telechat-base:old111"]
