@@ -2,7 +2,8 @@
 # README's first command: bring the local simulated Ascend cluster up (building what it must) and say how to use it.
 #   bash tests/up.sh [--nodes N] [--real [N]] [--state-dir DIR]
 #   stop it with: .venv/bin/python -m tests.cluster down [--state-dir DIR]
-# --real adds N (default 2) real nodes that run pods (containerd + kubelet, CNI bridge, kube-proxy, CoreDNS; root).
+# --real adds N (default 2) real nodes that run pods (containerd + kubelet, CNI bridge, kube-proxy, CoreDNS; root),
+# then installs the operator in-cluster with its Helm chart and trains a real tiny sample job on those nodes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source tests/cluster/lib.sh
@@ -16,11 +17,17 @@ ensure_venv
 .venv/bin/python -m tests.cluster build $real >/dev/null
 exports="$(.venv/bin/python -m tests.cluster up "$@")"
 eval "$exports" # KUBECONFIG and PATH for the hook below
-hook_status=0
-if [ -f tests/cluster/after_up.sh ]; then
-  bash tests/cluster/after_up.sh || hook_status=$?
-fi
 state_dir="$(dirname "$KUBECONFIG")"
+hook_status=0
+hook="tests/cluster/after_up.sh"
+if [ -n "$real" ]; then
+  # Real nodes run everything for real: the operator in-cluster from its image (Helm chart) and a tiny
+  # TeleChatFinetune trained on the real nodes (tests/cluster/real_sample.py), instead of the simulated job.
+  hook="tests/cluster/real_sample.py"
+  .venv/bin/python -m tests.cluster.real_sample --state-dir "$state_dir" || hook_status=$?
+elif [ -f "$hook" ]; then
+  bash "$hook" || hook_status=$?
+fi
 kubectl_bin="$state_dir/bin/kubectl"
 state_arg="" # `down` and `status` must name the state dir `up` used, or they look at .cluster/
 [ "$state_dir" = "$PWD/.cluster" ] || state_arg=" --state-dir $state_dir"
@@ -37,6 +44,6 @@ Stop it (cluster and operator):  .venv/bin/python -m tests.cluster down$state_ar
 Status:  .venv/bin/python -m tests.cluster status$state_arg
 MSG
 if [ "$hook_status" -ne 0 ]; then
-  echo "error: tests/cluster/after_up.sh failed (exit $hook_status); the cluster itself is up" >&2
+  echo "error: $hook failed (exit $hook_status); the cluster itself is up" >&2
   exit "$hook_status"
 fi
