@@ -9,6 +9,10 @@ per-rank checkpoints under `output_dir/checkpoint/rank_N/` and, for semi-auto pa
 1) are split by `telechat2.parallel.apply_parallel_plan`, which the registered model applies when the Trainer builds
 it (`telechat2.register`); data-parallel runs, CPU included, leave the model as built.
 
+Every saved checkpoint gets a sha256 sidecar (`X.ckpt.sha256`, `telechat2.manifest`): a callback after the
+CheckpointMonitor hashes each new file, and a sweep after training catches any left over; `telechat2 merge`
+verifies the shards against them.
+
 `--resume` (or `resume_training: True` in the YAML) continues from the newest complete checkpoint under
 `output_dir/checkpoint` (MindFormers' meta.json records it, per rank), restoring the optimizer state and the step
 counter; when no rank has saved anything yet it says so and starts from `load_checkpoint`, so a pod can always
@@ -31,6 +35,8 @@ import os
 import re
 import sys
 from pathlib import Path
+
+from telechat2.manifest import manifest_callback, write_missing_manifests
 
 # MindFormers' MFLossMonitor: "{ Epoch:[  3/  3], step:[    2/   16], loss:[4.473785/4.48], ..."
 MF_LOSS_LINE = re.compile(r"Epoch:\[\s*(\d+)/\s*\d+\], step:\[\s*(\d+)/\s*(\d+)\], loss:\s*\[?\s*([-+0-9.eE]+|nan|inf)")
@@ -195,7 +201,9 @@ def finetune(config) -> None:
     if str(config.context.device_target).upper() == "CPU":
         apply_cpu_shims()
     build_context(config)
-    trainer = Trainer(args=config, task="text_generation")
+    # sha256 sidecars for every checkpoint CheckpointMonitor saves (telechat2.manifest; verified by merge)
+    checksums = manifest_callback(Path(config.output_dir) / "checkpoint" / f"rank_{os.environ.get('RANK_ID', '0')}")
+    trainer = Trainer(args=config, task="text_generation", callbacks=[checksums])
     trainer.finetune(
         finetune_checkpoint=config.load_checkpoint or False,
         resume_training=bool(config.resume_training) or None,
@@ -212,6 +220,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"telechat2 finetune: error: {err}", file=sys.stderr)
         return 1
     rank = int(os.environ.get("RANK_ID", "0"))
+    # After training: sidecars for any checkpoint still without one (a killed earlier run's last saves included).
+    write_missing_manifests(Path(config.output_dir) / "checkpoint" / f"rank_{rank}")
     saved = newest_checkpoint(Path(config.output_dir) / "checkpoint", rank)
     print(f"telechat2 finetune: done; rank {rank}'s newest checkpoint: {saved or 'none saved'}")
     return 0
