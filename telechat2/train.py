@@ -201,13 +201,17 @@ def finetune(config) -> None:
     if str(config.context.device_target).upper() == "CPU":
         apply_cpu_shims()
     build_context(config)
+    from mindformers.tools.utils import get_real_rank  # the rank CheckpointMonitor names its directory after
+
+    rank_dir = Path(config.output_dir) / "checkpoint" / f"rank_{get_real_rank()}"
     # sha256 sidecars for every checkpoint CheckpointMonitor saves (telechat2.manifest; verified by merge)
-    checksums = manifest_callback(Path(config.output_dir) / "checkpoint" / f"rank_{os.environ.get('RANK_ID', '0')}")
-    trainer = Trainer(args=config, task="text_generation", callbacks=[checksums])
+    trainer = Trainer(args=config, task="text_generation", callbacks=[manifest_callback(rank_dir)])
     trainer.finetune(
         finetune_checkpoint=config.load_checkpoint or False,
         resume_training=bool(config.resume_training) or None,
     )
+    # After training: sidecars for any checkpoint still without one (a killed earlier run's last saves included).
+    write_missing_manifests(rank_dir)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -220,8 +224,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"telechat2 finetune: error: {err}", file=sys.stderr)
         return 1
     rank = int(os.environ.get("RANK_ID", "0"))
-    # After training: sidecars for any checkpoint still without one (a killed earlier run's last saves included).
-    write_missing_manifests(Path(config.output_dir) / "checkpoint" / f"rank_{rank}")
     saved = newest_checkpoint(Path(config.output_dir) / "checkpoint", rank)
     print(f"telechat2 finetune: done; rank {rank}'s newest checkpoint: {saved or 'none saved'}")
     return 0
