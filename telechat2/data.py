@@ -50,9 +50,9 @@ SCHEMA = {"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int
 DEFAULT_OUTPUT_NAME = "dataset.mindrecord"
 MAX_LISTED_LINES = 20  # error messages list this many line numbers, then a count
 # Lines longer than this are refused before JSON parsing and tokenization (`--max-line-bytes` raises it):
-# sentencepiece needs about 175 bytes of memory per input byte on one huge line (a 50 MB line took 8.8 GiB;
-# tests/bench/results/preprocess.md). 4 MiB is far beyond any sample of max_length 8192 (at most ~100 bytes of
-# JSON per token, with \uXXXX escapes), so only a broken or hostile line meets it.
+# parsing and tokenizing one huge line costs about 110 bytes of memory per input byte (a 50.9 MB line: 5.8 GiB with the
+# tiny tokenizer, tests/bench/results/preprocess.md; the issue saw 8.8 GiB). 4 MiB is far beyond any sample of
+# max_length 8192 (at most ~100 bytes of JSON per token, with \uXXXX escapes): only a broken or hostile line meets it.
 DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024
 _READ_CHUNK = 1 << 20  # the rest of an over-long line is skipped in pieces of this size
 _BOM = "\ufeff"
