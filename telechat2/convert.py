@@ -3,8 +3,9 @@
 Reads safetensors with `safe_open(framework="np")` (no torch needed) or, when torch is installed, `pytorch_model*.bin`
 (memory-mapped). The tensor names, shapes and layouts come from `telechat2.weights.conversion_plan`; everything is
 checked against the architecture (from `config.json` in the torch directory, or `--model`) before a byte is
-written, and every missing, unexpected or mis-shaped tensor is named. Tensors are then read and written one at a
-time, so peak memory is about the largest single tensor whatever the model size.
+written, and every missing, unexpected or mis-shaped tensor is named. A tensor holding NaN or Inf (or overflowing
+the requested --dtype) fails the conversion naming it, as `telechat2 merge` does; no output file is left. Tensors
+are read and written one at a time, so peak memory is about the largest single tensor whatever the model size.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from telechat2.checkpoint_io import ST_TO_NP, CheckpointError, CkptWriter, numpy_dtype
+from telechat2.checkpoint_io import ST_TO_NP, CheckpointError, CkptWriter, check_finite, numpy_dtype
 from telechat2.config import TeleChat2Config
 from telechat2.weights import Piece, TensorPlan, architecture_from_hf_config, conversion_plan, hf_shapes
 
@@ -140,6 +141,9 @@ class HFSource:
             for name, tensor in state.items():
                 self._add(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), path)
 
+    def file_of(self, name: str) -> Path:
+        return self._file_of[name]
+
     def read(self, name: str) -> np.ndarray:
         path = self._file_of[name]
         if path in self._torch_states:
@@ -226,7 +230,11 @@ def convert_hf_to_ms(
                 cache.clear()
                 cache[piece.hf_name] = source.read(piece.hf_name)
             values = piece_values(cache[piece.hf_name], piece, config)
-            yield values if values.dtype == out_dtype else values.astype(out_dtype)
+            with np.errstate(over="ignore"):  # an overflowing cast is reported by check_finite, naming the tensor
+                out = values if values.dtype == out_dtype else values.astype(out_dtype)
+            where = f"{piece.hf_name} (in {source.file_of(piece.hf_name).name}, for {tensor.ms_name})"
+            check_finite(where, values, out)
+            yield out
         cache.clear()
 
     total = 0
