@@ -61,6 +61,9 @@ CONFIG_VOLUME = "telechat-config"
 CONFIG_MOUNT_DIR = "/etc/telechat"
 CONFIG_KEY = "config.yaml"
 CONFIG_PATH = f"{CONFIG_MOUNT_DIR}/{CONFIG_KEY}"
+# Paths the operator mounts into every NPU pod: a user mount at or under one of them is refused (both CRDs' CEL
+# rules list the same paths).
+RESERVED_MOUNT_PATHS = (CONFIG_MOUNT_DIR, SHM_MOUNT_PATH, *(path for _, path, _ in ASCEND_DRIVER_MOUNTS))
 
 # --- Containers ----------------------------------------------------------------------------------------------
 TRAINER_CONTAINER = "trainer"
@@ -88,6 +91,8 @@ ENV_MASTER_ADDR = "TELECHAT_MASTER_ADDR"
 ENV_MASTER_PORT = "TELECHAT_MASTER_PORT"
 ENV_LOG_DIR = "TELECHAT_LOG_DIR"
 ENV_CLUSTER_TIMEOUT = "TELECHAT_CLUSTER_TIMEOUT"
+# `telechat2 launch` reads it (how long to wait for the master's name to resolve): owned by the launch contract too.
+ENV_RESOLVE_TIMEOUT = "TELECHAT_RESOLVE_TIMEOUT"
 # Informational: which job and attempt this process belongs to.
 ENV_JOB_NAME = "TELECHAT_JOB_NAME"
 ENV_ATTEMPT = "TELECHAT_ATTEMPT"
@@ -100,6 +105,7 @@ RESERVED_ENV_NAMES = (
     ENV_MASTER_PORT,
     ENV_LOG_DIR,
     ENV_CLUSTER_TIMEOUT,
+    ENV_RESOLVE_TIMEOUT,
     ENV_JOB_NAME,
     ENV_ATTEMPT,
     "MS_ROLE",

@@ -14,6 +14,8 @@ from typing import Any
 from telechat_operator import constants as c
 from telechat_operator.spec_common import (
     SpecError,
+    check_volume_mounts,
+    cpu_resources,
     known_model_defaults,
     optional_int,
     owner_reference,
@@ -238,6 +240,8 @@ def parse(body: Mapping[str, Any], lookup: DefaultsLookup = load_model_defaults)
     launcher = spec.get("launcher") or {}
     merge = spec.get("merge") or {}
     resources = resources_without_npus(spec.get("resources"), devices_field="spec.devicesPerNode")
+    volume_mounts = tuple(spec.get("volumeMounts") or ())
+    check_volume_mounts(volume_mounts)
 
     return FinetuneSpec(
         name=name,
@@ -258,7 +262,7 @@ def parse(body: Mapping[str, Any], lookup: DefaultsLookup = load_model_defaults)
         training=training,
         env=merge_env(defaults.env, list(spec.get("env") or [])),
         volumes=tuple(spec.get("volumes") or ()),
-        volume_mounts=tuple(spec.get("volumeMounts") or ()),
+        volume_mounts=volume_mounts,
         resources=resources,
         node_selector=dict(spec.get("nodeSelector") or {}),
         tolerations=tuple(spec.get("tolerations") or ()),
@@ -274,5 +278,5 @@ def parse(body: Mapping[str, Any], lookup: DefaultsLookup = load_model_defaults)
         run_policy=run_policy,
         merge_enabled=bool(merge.get("enabled", True)),
         merge_prefix=merge.get("prefix") or c.DEFAULT_MERGE_PREFIX,
-        merge_resources=dict(merge.get("resources") or {}),
+        merge_resources=cpu_resources(merge.get("resources"), "spec.merge.resources"),
     )

@@ -73,6 +73,8 @@ class OperatorProcess:
             "KUBECONFIG": str(self.kubeconfig),
             "TELECHAT_OPERATOR_BACKOFF_BASE_SECONDS": BACKOFF_BASE_SECONDS,
             "TELECHAT_OPERATOR_BACKOFF_MAX_SECONDS": "2",
+            # The test jobs keep their output on a hostPath volume (kwok runs nothing, nothing is written).
+            "TELECHAT_OPERATOR_ALLOWED_HOSTPATHS": "/mnt/telechat",
         }
         command = [
             sys.executable, "-m", "telechat_operator", "run", "--all-namespaces", "--log-format", "full",

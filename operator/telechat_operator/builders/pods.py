@@ -8,10 +8,12 @@ from telechat_operator import constants as c
 from telechat_operator.builders import names
 from telechat_operator.builders.common import (
     ascend_resources,
+    container_security_context,
     metadata,
     npu_pod_volumes,
     npu_volume_mounts,
     placement_fields,
+    pod_security_context,
 )
 from telechat_operator.spec import FinetuneSpec
 
@@ -137,9 +139,11 @@ def build_rank_pod(spec: FinetuneSpec, rank: int, attempt: int) -> dict[str, Any
         ],
         "resources": ascend_resources(spec.resources, spec.devices_per_node),
         "volumeMounts": mounts,
+        "securityContext": container_security_context(),
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # the operator restarts the whole group, never a single rank
+        "securityContext": pod_security_context(),
         "hostname": names.rank_host(spec.name, rank),
         "subdomain": names.service(spec.name),
         "enableServiceLinks": False,
@@ -166,9 +170,15 @@ def build_merge_pod(spec: FinetuneSpec, merge_attempt: int) -> dict[str, Any]:
         "volumeMounts": [dict(m) for m in spec.volume_mounts],
     }
     if spec.merge_resources:
-        container["resources"] = dict(spec.merge_resources)
+        # CPU and memory only: the parser refuses an NPU here, and none is ever copied from the ranks' resources.
+        container["resources"] = {
+            section: {k: v for k, v in values.items() if k != c.ASCEND_RESOURCE}
+            for section, values in spec.merge_resources.items()
+        }
+    container["securityContext"] = container_security_context()
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        "securityContext": pod_security_context(),
         "enableServiceLinks": False,
         "containers": [container],
         "volumes": [dict(v) for v in spec.volumes],

@@ -27,8 +27,10 @@ from telechat_operator.builders.podgroup import build_pod_group
 from telechat_operator.builders.pods import build_merge_pod, build_rank_pod
 from telechat_operator.builders.service import build_service
 from telechat_operator.progress_poll import ProgressPoller, progress_url
+from telechat_operator.refusals import RefusalTracker, clear_refused, is_spec_error, mark_refused, refusal_message
 from telechat_operator.settings import OperatorConfig
 from telechat_operator.spec import FinetuneSpec, SpecError, parse
+from telechat_operator.spec_common import check_host_paths
 from telechat_operator.status import (
     Backoff,
     Plan,
@@ -135,6 +137,7 @@ def decide(
     now = datetime.now(UTC)
     try:
         spec = parse(job)
+        check_host_paths(spec.volumes, config.allowed_host_paths)
     except SpecError as err:
         return None, invalid_spec_plan(old_status, err, int(meta.get("generation", 1)), now)
     pods = [PodView.from_body(pod) for pod in pod_bodies if owned_by(pod, spec.uid)]
@@ -245,18 +248,26 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
     meta = job["metadata"]
     started = time.monotonic()
     if spec is not None:
+        key = (meta["namespace"], meta["name"])
         try:
             if create_children(spec, plan):
                 plan.events += mark_launched(plan.status, spec, datetime.now(UTC))
+            if plan.create_ranks or plan.create_merge is not None or plan.ensure_children:
+                refusals.succeeded(key)
+                clear_refused(plan.status, datetime.now(UTC), spec.generation)
         except k8s.ApiError as err:
-            if err.status not in (400, 422):
+            if err.status == 409 or job_going(err, meta["namespace"], meta["name"]):
                 raise
-            # The apiserver rejected a child built from this spec (e.g. a malformed volume): not retryable.
-            invalid = invalid_spec_plan(
-                plan.status, SpecError("spec (pod template)", err.message), spec.generation, datetime.now(UTC)
-            )
-            invalid.events[:0] = plan.events
-            plan = invalid
+            if is_spec_error(err.status):
+                # The apiserver rejected a child built from this spec (e.g. a malformed volume or, with strict
+                # field validation, an unknown field): not retryable until the spec changes.
+                invalid = invalid_spec_plan(
+                    plan.status, SpecError("spec (pod template)", err.describe()), spec.generation, datetime.now(UTC)
+                )
+                invalid.events[:0] = plan.events
+                plan = invalid
+            else:
+                refuse(key, spec, plan, err)
     patch = status_patch(old_status, plan.status)
     if patch:
         key = (meta["namespace"], meta["name"])
@@ -293,6 +304,26 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
             1000 * (time.monotonic() - started),
         )
     return bool(patch)
+
+
+# Consecutive refusals per job (see `refusals`): the n-th waits like the n-th restart before the next pass.
+refusals = RefusalTracker()
+
+
+def refuse(key: Hashable, spec: FinetuneSpec, plan: Plan, err: k8s.ApiError) -> None:
+    """A create the apiserver refused for a reason other than the spec (403 from admission, 500, ...): say so in
+    the status and look again after a backoff.
+
+    Writing the plan's status although not every child exists is safe: names derive from the stored status, and
+    ranks of an attempt not yet launched are created on the next pass (as after a crash between create and write).
+    """
+    backoff = Backoff(config.backoff_base_seconds, config.backoff_max_seconds)
+    count, delay = refusals.refused(key, backoff)
+    event = mark_refused(plan.status, refusal_message(err.describe(), count, delay), datetime.now(UTC), spec.generation)
+    if event is not None:
+        plan.events.append(event)
+    plan.requeue_after = delay  # this long, whatever the plan asked for: nothing else can progress meanwhile
+    logger.warning("%s/%s: %s; retrying in %gs", spec.namespace, spec.name, err.describe(), delay)
 
 
 def json_copy(value: Mapping[str, Any]) -> dict[str, Any]:
@@ -361,6 +392,7 @@ async def finetune_changed(type: str | None, body: Mapping[str, Any], name: str,
     trace(key, f"watch-{type}")
     if type == "DELETED":
         unstarted_jobs.pop(key, None)
+        refusals.succeeded(key)
         pod_versions.pop(key, None)
         own_status_writes.pop(key, None)
         progress_poller.forget(key)
