@@ -16,8 +16,8 @@ from telechat_operator import inference_constants as ic
 from telechat_operator import k8s
 from telechat_operator.builders.inference import build_deployment
 from telechat_operator.builders.inference_groups import (
-    GroupPod,
     GroupPlan,
+    GroupPod,
     plan_groups,
     read_group_backoff,
     update_group_backoff,
@@ -228,7 +228,8 @@ def test_creates_and_applies_ask_for_strict_field_validation(fake_api: FakeRest)
 
 
 def test_a_refused_write_names_the_object(fake_api: FakeRest) -> None:
-    fake_api.status, fake_api.body = 403, {"message": 'pods "ft-a1-rank-0" is forbidden: no PriorityClass with name missing was found'}  # fmt: skip
+    message = 'pods "ft-a1-rank-0" is forbidden: no PriorityClass with name missing was found'
+    fake_api.status, fake_api.body = 403, {"message": message}
     pod = build_rank_pod(make_spec(), 0, 1)
     with pytest.raises(k8s.ApiError) as error:
         k8s.create(pod)
@@ -266,7 +267,8 @@ def test_an_inference_refusal_keeps_what_serves_and_says_why() -> None:
     assert conds["Available"] == ("True", ic.REASON_MIN_AVAILABLE)
     assert conds["Progressing"] == ("True", "RequestRefused") and conds["Ready"] == ("False", "RequestRefused")
     assert new["readyReplicas"] == 1 and all(cond["observedGeneration"] == 2 for cond in new["conditions"])
-    assert "Available" in {c["type"] for c in refused_status({}, generation=1, now=NOW, selector="s", message="m")["conditions"]}  # fmt: skip
+    fresh = refused_status({}, generation=1, now=NOW, selector="s", message="m")
+    assert {cond["type"] for cond in fresh["conditions"]} == {"Available", "Progressing", "Ready"}
 
 
 def _serving(ready: int) -> Any:
