@@ -68,6 +68,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prefix", default="checkpoint_", help="name of the merged file: {prefix}0.ckpt")
     parser.add_argument(
+        "--vocab_file",
+        "--vocab-file",
+        help="tokenizer.model to copy beside the merged checkpoint (dst/rank_0/tokenizer.model), so serving finds "
+        "it there by default; a missing file is reported and skipped (the tokenizer is not needed to merge)",
+    )
+    parser.add_argument(
         "--engine",
         choices=ENGINES,
         default="auto",
@@ -513,6 +519,23 @@ def merge(
     }
 
 
+TOKENIZER_NAME = "tokenizer.model"
+
+
+def copy_tokenizer(vocab_file: Path, merged_dir: Path) -> Path | None:
+    """Copy the tokenizer beside the merged checkpoint (through a temporary name: never half a file). A TeleChat
+    inference of the merged checkpoint looks for `tokenizer.model` there unless told otherwise."""
+    if not vocab_file.is_file():
+        print(f"telechat2 merge: warning: --vocab_file {vocab_file} not found; no tokenizer copied", file=sys.stderr)
+        return None
+    target = merged_dir / TOKENIZER_NAME
+    partial = merged_dir / f".{TOKENIZER_NAME}.partial"
+    shutil.copyfile(vocab_file, partial)
+    os.replace(partial, target)
+    print(f"copied the tokenizer {vocab_file} to {target}")
+    return target
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         summary = merge(args.src_ckpt_dir, args.dst_ckpt_dir, args.prefix, args.src_ckpt_strategy, args.engine)
@@ -521,6 +544,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     for warning in summary["warnings"]:
         print(f"telechat2 merge: warning: {warning}", file=sys.stderr)
+    if args.vocab_file:
+        copy_tokenizer(Path(args.vocab_file), Path(summary["path"]).parent)
     sources = ", ".join(f"rank_{r}: {Path(p).name}" for r, p in sorted(summary["sources"].items()))
     checksums = f"{summary['checksums_verified']} of {len(summary['sources'])} shards matched their sha256 manifests"
     print(

@@ -384,3 +384,20 @@ def test_malformed_manifest_is_named(tmp_path):
     (tmp_path / "src" / "rank_0" / "a.ckpt.sha256").write_text("not a digest\n")
     with pytest.raises(CheckpointError, match=r"checksum manifest .*a.ckpt.sha256 is malformed"):
         merge(tmp_path / "src", tmp_path / "dst", "x")
+def test_merge_copies_the_tokenizer_where_serving_looks_for_it(tmp_path, capsys):
+    """`telechat2 merge --vocab_file` puts tokenizer.model beside the merged checkpoint (the default vocabFile of a
+    TeleChatInference served from the finetune); a missing one is reported and the merge still succeeds."""
+    shapes = ms_shapes(tiny_config())
+    weights = {n: np.ones(s, np.float32) for n, s in shapes.items()}
+    for rank in (0, 1):
+        write_replica(tmp_path / "src" / f"rank_{rank}" / f"t_rank_{rank}-1_1.ckpt", weights)
+    tokenizer = tmp_path / "base" / "tokenizer.model"
+    tokenizer.parent.mkdir()
+    tokenizer.write_bytes(b"sentencepiece bytes")
+    args = ["merge", "--src_ckpt_dir", str(tmp_path / "src"), "--prefix", "t", "--vocab_file"]
+    assert cli.main([*args, str(tokenizer), "--dst_ckpt_dir", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "rank_0" / "tokenizer.model").read_bytes() == b"sentencepiece bytes"
+    assert sorted(p.name for p in (tmp_path / "merged" / "rank_0").iterdir()) == ["t0.ckpt", "tokenizer.model"]
+    assert cli.main([*args, str(tmp_path / "nowhere.model"), "--dst_ckpt_dir", str(tmp_path / "m2")]) == 0
+    assert "no tokenizer copied" in capsys.readouterr().err
+    assert (tmp_path / "m2" / "rank_0" / "t0.ckpt").is_file()

@@ -155,3 +155,10 @@ def test_every_child_is_owned_by_the_job() -> None:
         assert child["metadata"]["ownerReferences"] == [spec.owner_reference()], child["kind"]
         assert child["metadata"]["namespace"] == "ns"
         assert child["metadata"]["labels"][c.LABEL_JOB_NAME] == "ft"
+
+
+def test_merge_copies_the_tokenizer_from_beside_the_base_checkpoint() -> None:
+    """A fromFinetune inference without vocabFile reads merged/rank_0/tokenizer.model: the merge writes it."""
+    spec = make_spec(checkpoint={"load": "/models/telechat2-tiny/telechat2_tiny.ckpt"})
+    assert merge_command(spec)[-2:] == ["--vocab_file", "/models/telechat2-tiny/tokenizer.model"]
+    assert "--vocab_file" not in merge_command(make_spec())  # trained from scratch: no tokenizer to copy

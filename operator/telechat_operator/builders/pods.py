@@ -15,6 +15,7 @@ from telechat_operator.builders.common import (
     placement_fields,
     pod_security_context,
 )
+from telechat_operator.inference_spec import default_vocab_file
 from telechat_operator.spec import FinetuneSpec
 
 
@@ -72,6 +73,10 @@ def merge_command(spec: FinetuneSpec) -> list[str]:
     """`telechat2 merge`; the strategy files are passed only when the layout split parameters across ranks
     (with pure data parallelism each rank's checkpoint is already complete and merge checks the copies agree)."""
     strategy = ["--src_ckpt_strategy", output_subdir(spec, c.STRATEGY_DIR)] if spec.parallel.shards_parameters else []
+    # The tokenizer of the model trained from (tokenizer.model beside spec.checkpoint.load, the layout the README
+    # and the inference's default vocabFile assume) goes beside the merged checkpoint, where a TeleChatInference
+    # with checkpoint.fromFinetune and no vocabFile looks for it.
+    tokenizer = ["--vocab_file", default_vocab_file(spec.load_checkpoint)] if spec.load_checkpoint else []
     return [
         "telechat2",
         "merge",
@@ -82,6 +87,7 @@ def merge_command(spec: FinetuneSpec) -> list[str]:
         output_subdir(spec, c.MERGED_DIR),
         "--prefix",
         spec.merge_prefix,
+        *tokenizer,
     ]
 
 
