@@ -31,8 +31,9 @@ if [ "${1:-}" = "stop" ]; then
   exit 0
 fi
 
-kubectl apply --server-side --force-conflicts --filename="$repo/crds/" >/dev/null
-kubectl wait --for=condition=Established --timeout=60s crd/telechatfinetunes.telechat.io >/dev/null
+# With Helm's ownership metadata: `helm install telechat-operator charts/telechat-operator --namespace telechat`
+# adopts them later (see install-crds.sh).
+bash "$repo/operator/deploy/install-crds.sh"
 echo "dev-up: CRDs installed"
 
 stop_operator

@@ -53,6 +53,9 @@ class OperatorConfig:
     # each fetch giving up after progress_timeout_seconds (unreachable pods back off up to resync_seconds).
     progress_seconds: float = 30.0
     progress_timeout_seconds: float = 2.0
+    # A multi-node inference group ready this long after its last recreation has its failure count (and so its
+    # recreation backoff) reset; one that fails sooner counts as crash-looping.
+    group_stable_seconds: float = 600.0
     # Host paths (prefixes) user volumes may mount with hostPath (TELECHAT_OPERATOR_ALLOWED_HOSTPATHS, comma
     # separated): none by default. The Ascend driver paths are the operator's own volumes and need no entry.
     allowed_host_paths: tuple[str, ...] = ()

@@ -432,7 +432,7 @@ def test_a_failed_group_is_recreated_only_after_its_backoff() -> None:
     # Pass 1: a rank failed -> the group is torn down, failure 1 recorded (10 s).
     plan = plan_groups(spec, _group_pods(["Running", "Failed"]), "h", {}, NOW)
     assert plan.recreated == [0]
-    entries = update_group_backoff({}, plan, spec.replicas, NOW, backoff.delay)
+    entries = update_group_backoff({}, plan, spec.replicas, NOW, backoff.delay, 600)
     assert entries[0].failures == 1 and entries[0].next_attempt == NOW + timedelta(seconds=10)
     # Pass 2: the pods are gone but the backoff has not passed -> nothing is created, the wait is reported.
     plan = plan_groups(spec, [], "h", {0: entries[0].next_attempt}, NOW + timedelta(seconds=4))
@@ -449,14 +449,20 @@ def test_repeated_group_failures_double_the_wait_and_ready_resets_it() -> None:
     waits = []
     for _ in range(4):
         failed = GroupPlan(recreated=[0])
-        entries = update_group_backoff(entries, failed, spec.replicas, NOW, delay)
+        entries = update_group_backoff(entries, failed, spec.replicas, NOW, delay, 600)
         waits.append((entries[0].next_attempt - NOW).total_seconds())
     assert waits == [10, 20, 40, 40] and entries[0].failures == 4
     status = [entry.as_status() for entry in entries.values()]
     assert read_group_backoff({"groupBackoff": status}) == entries  # survives an operator restart
     ready = plan_groups(spec, _group_pods(["Running", "Running"]), "h", {}, NOW)
-    assert update_group_backoff(entries, ready, spec.replicas, NOW, delay) == {}
-    assert update_group_backoff(entries, GroupPlan(), 0, NOW, delay) == {}  # scaled to zero: forgotten
+    assert ready.ready_groups == [0]
+    # Ready, but failing again within the stable window still counts as the same crash loop ...
+    soon = entries[0].next_attempt + timedelta(seconds=599)
+    assert update_group_backoff(entries, ready, spec.replicas, soon, delay, 600) == entries
+    # ... while a group that stayed up that long starts over.
+    later = entries[0].next_attempt + timedelta(seconds=600)
+    assert update_group_backoff(entries, ready, spec.replicas, later, delay, 600) == {}
+    assert update_group_backoff(entries, GroupPlan(), 0, NOW, delay, 600) == {}  # scaled to zero: forgotten
 
 
 def test_a_crash_looping_group_is_reported_as_such() -> None:

@@ -291,13 +291,16 @@ def update_group_backoff(
     replicas: int,
     now: datetime,
     delay: Any,
+    stable_seconds: float,
 ) -> dict[int, GroupBackoff]:
     """After a pass: a group recreated after a failure waits `delay(failures)` seconds (failures in a row, so
-    base, 2x base, 4x base ... capped: the finetune's restart backoff) before it is created again; a group that
-    became ready starts over from zero; groups scaled away are forgotten."""
+    base, 2x base, 4x base ... capped: the finetune's restart backoff) before it is created again. A group that is
+    ready `stable_seconds` after its last recreation starts over from zero (like the kubelet's crash-loop backoff:
+    a server that dies a minute after it came up is still crash-looping); groups scaled away are forgotten."""
     updated = {group: entry for group, entry in entries.items() if group < replicas}
     for group in plan.ready_groups:
-        updated.pop(group, None)
+        if group in updated and now >= updated[group].next_attempt + timedelta(seconds=stable_seconds):
+            del updated[group]
     for group in plan.recreated:
         failures = (updated[group].failures if group in updated else 0) + 1
         updated[group] = GroupBackoff(group, failures, now + timedelta(seconds=float(delay(failures))))

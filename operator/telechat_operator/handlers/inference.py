@@ -187,7 +187,8 @@ def reconcile_groups(
     previous = read_group_backoff(old)
     plan = plan_groups(spec, pods, template_hash, {g: e.next_attempt for g, e in previous.items()}, now)
     backoff = Backoff(config.backoff_base_seconds, config.backoff_max_seconds)
-    entries = update_group_backoff(previous, plan, spec.replicas, now, backoff.delay)
+    stable = config.group_stable_seconds
+    entries = update_group_backoff(previous, plan, spec.replicas, now, backoff.delay, stable)
 
     services = {int(s["metadata"]["labels"][ic.LABEL_GROUP_INDEX]): s for s in _group_children("Service", spec)}
     for group, service in services.items():
@@ -226,6 +227,10 @@ def reconcile_groups(
     terminating = bool(plan.delete) or any(pod.deleting for pod in pods)
     wakes = [TEARDOWN_POLL_SECONDS] if terminating else []
     wakes += [max(seconds, 0.5) for seconds in plan.backing_off.values()]
+    # A ready group still in backoff: look again when it has been stable long enough to clear it.
+    wakes += [
+        max((entries[g].next_attempt - now).total_seconds() + stable, 0.5) for g in plan.ready_groups if g in entries
+    ]
     return GroupsOutcome(
         workload=workload,
         recreated=len(plan.recreated),
