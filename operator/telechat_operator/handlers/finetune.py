@@ -243,7 +243,8 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
 
     Creating before writing the status is safe because every name derives from the stored status (a crash in
     between re-creates the same names: 409); deleting after it records the intent first (a crash in between
-    re-derives the same deletes and never counts a restart twice).
+    re-derives the same deletes and never counts a restart twice). A create the apiserver refuses is either an
+    InvalidSpec (400/422: the spec must change) or a refusal (403 from admission, 500, ...; see `refuse`).
     """
     meta = job["metadata"]
     started = time.monotonic()
