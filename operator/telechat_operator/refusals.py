@@ -3,7 +3,7 @@
 A write the apiserver refuses with a 4xx the user can only fix in the spec (400 malformed or strict-decoding error,
 422 invalid) is an InvalidSpec. Anything else that is not the reconciler's own race (409) or a deletion under way
 is a *refusal*: a 403 from admission (no PriorityClass or ServiceAccount of that name, a quota, a policy), a 500
-from a server-side apply, a 404 for a missing namespace-scoped dependency. The cause may go away without a spec
+(other than a server-side apply's schema error, see `is_spec_error`), a 404 for a missing namespaced dependency. The cause may go away without a spec
 change (someone creates the PriorityClass), so the operator keeps retrying, with exponential backoff, and says
 in a condition which object was refused and why.
 
@@ -27,10 +27,13 @@ COND_REQUEST_REFUSED = "RequestRefused"
 REASON_REQUESTS_ACCEPTED = "RequestsAccepted"
 # Statuses that are a problem with the object built from the spec: reported as InvalidSpec, not retried.
 SPEC_ERROR_STATUSES = frozenset({400, 422})
+# A server-side apply whose body does not fit the schema (an unknown field passed through from the spec, a list
+# with duplicate keys) is answered 500 with this message: as deterministic as a 422, so an InvalidSpec too.
+TYPED_PATCH_ERROR = "failed to create typed patch object"
 
 
-def is_spec_error(status: int) -> bool:
-    return status in SPEC_ERROR_STATUSES
+def is_spec_error(status: int, message: str = "") -> bool:
+    return status in SPEC_ERROR_STATUSES or (status == 500 and TYPED_PATCH_ERROR in message)
 
 
 def refusal_message(described: str, refusals: int, delay: float) -> str:

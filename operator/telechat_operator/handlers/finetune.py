@@ -259,7 +259,7 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
         except k8s.ApiError as err:
             if err.status == 409 or job_going(err, meta["namespace"], meta["name"]):
                 raise
-            if is_spec_error(err.status):
+            if is_spec_error(err.status, err.message):
                 # The apiserver rejected a child built from this spec (e.g. a malformed volume or, with strict
                 # field validation, an unknown field): not retryable until the spec changes.
                 invalid = invalid_spec_plan(

@@ -262,7 +262,7 @@ def reconcile_inference(key: Hashable) -> float | None:
             logger.info("%s/%s: %s", namespace, name, err)
             return 1.0
         except k8s.ApiError as err:
-            if is_spec_error(err.status):
+            if is_spec_error(err.status, err.message):
                 new = invalid_spec_status(
                     old, generation=generation, now=now, selector=selector, error=_why_invalid(err)
                 )
