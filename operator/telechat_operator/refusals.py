@@ -3,9 +3,9 @@
 A write the apiserver refuses with a 4xx the user can only fix in the spec (400 malformed or strict-decoding error,
 422 invalid) is an InvalidSpec. Anything else that is not the reconciler's own race (409) or a deletion under way
 is a *refusal*: a 403 from admission (no PriorityClass or ServiceAccount of that name, a quota, a policy), a 500
-(other than a server-side apply's schema error, see `is_spec_error`), a 404 for a missing namespaced dependency. The cause may go away without a spec
-change (someone creates the PriorityClass), so the operator keeps retrying, with exponential backoff, and says
-in a condition which object was refused and why.
+(other than a server-side apply's schema error, see `is_spec_error`), a 404 for a missing namespaced dependency.
+The cause may go away without a spec change (someone creates the PriorityClass), so the operator keeps retrying,
+with exponential backoff, and says in a condition which object was refused and why.
 
 Pure: no API calls, no clock reads. `RefusalTracker` is the per-resource count of consecutive refusals the
 handlers keep in memory (an operator restart starts the backoff over, which is harmless).
