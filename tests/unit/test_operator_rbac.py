@@ -198,6 +198,17 @@ def drive_finetune(server: FakeApiserver) -> None:
     finetune.event_pool.submit(lambda: None).result()
     assert server.get(c.GROUP, "ns", c.FINETUNE_PLURAL, "ft")["status"]["state"] == c.STATE_SUCCEEDED
 
+    # A job that fails for good while a rank still runs: that rank is stopped in place (patched), keeping its log.
+    server.put(c.API_VERSION, c.FINETUNE_PLURAL, job_body(name="doomed"))
+    finetune.reconcile_finetune(("ns", "doomed"))
+    doomed = [p for p in server.all("", "pods") if p["metadata"]["labels"][c.LABEL_JOB_NAME] == "doomed"]
+    set_phase(server, doomed, "Running")
+    finetune.reconcile_finetune(("ns", "doomed"))
+    set_phase(server, doomed[:1], "Failed", exit_code=1)
+    finetune.reconcile_finetune(("ns", "doomed"))
+    finetune.event_pool.submit(lambda: None).result()
+    assert server.get(c.GROUP, "ns", c.FINETUNE_PLURAL, "doomed")["status"]["state"] == c.STATE_FAILED
+
 
 def drive_inference(server: FakeApiserver) -> None:
     """Single-node (past a same-named leftover ConfigMap), then multi-node groups, then scaled to zero."""
