@@ -60,21 +60,28 @@ DefaultsLookup = Callable[[str], ModelDefaults]
 
 def load_model_defaults(model: str) -> ModelDefaults:
     """Read a model's defaults from the bundled configs (imported lazily: pure Python, no MindSpore)."""
-    from telechat2 import configs
-    from telechat2.describe import model_parallel_limit
-
     raw, env = known_model_defaults(model)
-    arch = configs.architecture(model)
+    num_layers, divisor = _layout_limits(model)
     return ModelDefaults(
         nodes=int(raw.nodes),
         devices_per_node=int(raw.devices_per_node),
         parallel=dict(raw.parallel),
         env=env,
-        num_layers=arch.num_layers,
-        model_parallel_divisor=model_parallel_limit(arch),
+        num_layers=num_layers,
+        model_parallel_divisor=divisor,
         trainer_requests_per_device=dict(raw.trainer_requests_per_device),
         helper_requests=dict(raw.helper_requests),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_limits(model: str) -> tuple[int, int]:
+    """(layers, the number every modelParallel divides): read once per model, every pass parses the spec."""
+    from telechat2 import configs
+    from telechat2.describe import model_parallel_limit
+
+    arch = configs.architecture(model)
+    return arch.num_layers, model_parallel_limit(arch)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -135,3 +135,32 @@ def test_a_broken_marker_means_not_complete(tmp_path, garbage: str) -> None:
     out.write_text("x")
     completion.marker_path(out).write_text(garbage)
     assert not completion.is_complete(out, {})
+
+
+def test_the_init_pods_exact_commands_run_then_skip(tiny_tokenizer_file, tmp_path, capsys) -> None:
+    """The command lines the operator builds, run here as the pod would run them (CPU, tiny data)."""
+    from operator_factories import make_spec
+    from telechat_operator.builders.initializer import build_init_pod
+
+    jsonl = write_lines(tmp_path / "train.jsonl", [json.dumps(r) for r in RECORDS])
+    make_hf_checkpoint(tmp_path / "hf", tiny_config())
+    spec = make_spec(
+        dataset={"path": str(tmp_path / "data" / "train.mindrecord"), "jsonl": str(jsonl),
+                 "tokenizer": str(tiny_tokenizer_file)},
+        checkpoint={"huggingface": str(tmp_path / "hf")},
+        output={"path": str(tmp_path / "out")},
+    )  # fmt: skip
+    log = tmp_path / "termination-log"
+    commands = [
+        [str(log) if arg == "/dev/termination-log" else arg for arg in container["command"]]
+        for container in build_init_pod(spec)["spec"]["containers"]
+    ]
+    for command in commands:
+        assert command[0] == "telechat2" and main(command[1:]) == 0, command
+    assert (tmp_path / "out" / "converted" / "telechat2-tiny.ckpt").exists()
+    assert (tmp_path / "data" / "train.mindrecord").exists()
+    capsys.readouterr()
+    for command in commands:  # a re-created init pod: both steps are complete
+        assert main(command[1:]) == 0
+    assert capsys.readouterr().out.count("is complete for these inputs") == 2
+    assert not log.exists()
