@@ -63,6 +63,31 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=DTYPES, default="float32", help="dtype of the output tensors (default float32, as the seed)"
     )
     add_architecture_arguments(parser)
+    from telechat2.completion import add_completion_arguments
+
+    add_completion_arguments(parser)
+
+
+def convert_inputs(args: argparse.Namespace) -> dict:
+    """What the checkpoint depends on: the Hugging Face files (weights and config.json) and the settings."""
+    from telechat2 import completion
+
+    directory = Path(args.torch_path)
+    if not directory.is_dir():
+        raise CheckpointError(f"--torch_path {directory} is not a directory")
+    files = sorted(
+        p
+        for p in directory.iterdir()
+        if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+    )
+    return completion.describe_inputs(
+        files,
+        command="convert",
+        qkv_concat=bool(args.qkv_concat),
+        dtype=args.dtype,
+        model=args.model,
+        config_json=args.config_json,
+    )
 
 
 def resolve_architecture(model: str | None, config_json: str | Path | None) -> TeleChat2Config:
@@ -252,15 +277,25 @@ def convert_hf_to_ms(
 
 
 def run(args: argparse.Namespace) -> int:
+    from telechat2 import completion
+
     try:
+        inputs = convert_inputs(args)
+        if args.skip_if_complete and completion.is_complete(args.mindspore_path, inputs):
+            marker = completion.marker_path(args.mindspore_path)
+            print(f"{args.mindspore_path} is complete for these inputs ({marker}): nothing to do")
+            return 0
+        completion.invalidate(args.mindspore_path)
         if args.config_json and not Path(args.config_json).is_file():
             raise CheckpointError(f"--config_json {args.config_json} does not exist")
         config = resolve_architecture(args.model, args.config_json or Path(args.torch_path) / "config.json")
         summary = convert_hf_to_ms(
             args.torch_path, args.mindspore_path, config, args.qkv_concat, args.dtype, progress=True
         )
-    except CheckpointError as err:
+        completion.write_marker(args.mindspore_path, inputs, [Path(args.mindspore_path)])
+    except (CheckpointError, OSError) as err:
         print(f"telechat2 convert: error: {err}", file=sys.stderr)
+        completion.write_termination_message(args.termination_message_path, f"telechat2 convert: {err}")
         return 1
     layout = "qkv_concat" if args.qkv_concat else "kv_concat"
     print(

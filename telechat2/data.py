@@ -531,11 +531,38 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a tty)"
     )
+    from telechat2.completion import add_completion_arguments
+
+    add_completion_arguments(parser)
+
+
+def preprocess_inputs(args: argparse.Namespace) -> dict:
+    """What the output depends on: the jsonl files, the tokenizer and every setting that changes the rows."""
+    from telechat2 import completion
+
+    files = [*input_files(args.input_dataset_file), Path(args.vocab_file_path)]
+    return completion.describe_inputs(
+        files,
+        command="preprocess",
+        max_length=args.max_length,
+        overlong=args.overlong,
+        skip_bad_lines=args.skip_bad_lines,
+        shuffle=args.shuffle,
+        seed=args.seed,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from telechat2 import completion
+
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    target = resolve_output(args.output_path)
     try:
+        inputs = preprocess_inputs(args)
+        if args.skip_if_complete and completion.is_complete(target, inputs):
+            print(f"{target} is complete for these inputs ({completion.marker_path(target)}): nothing to do")
+            return 0
+        completion.invalidate(target)
         report = preprocess(
             args.input_dataset_file,
             args.vocab_file_path,
@@ -548,8 +575,10 @@ def run(args: argparse.Namespace) -> int:
             progress=progress,
             max_line_bytes=args.max_line_bytes,
         )
-    except (PreprocessError, FileNotFoundError, ValueError) as exc:
+        completion.write_marker(target, inputs, [target, Path(f"{target}.db")])
+    except (PreprocessError, OSError, ValueError) as exc:
         print(f"telechat2 preprocess: {exc}", file=sys.stderr)
+        completion.write_termination_message(args.termination_message_path, f"telechat2 preprocess: {exc}")
         return 1
     for bad in report.bad_lines:
         print(f"telechat2 preprocess: skipped {bad}", file=sys.stderr)

@@ -22,7 +22,8 @@ import kopf
 
 from telechat_operator import constants as c
 from telechat_operator import k8s, metrics
-from telechat_operator.builders.configmap import build_config_map
+from telechat_operator.builders.configmap import build_config_map, render_finetune_config
+from telechat_operator.builders.initializer import build_init_pod
 from telechat_operator.builders.podgroup import build_pod_group
 from telechat_operator.builders.pods import build_merge_pod, build_rank_pod
 from telechat_operator.builders.service import build_service
@@ -142,7 +143,17 @@ def decide(
         return None, invalid_spec_plan(old_status, err, int(meta.get("generation", 1)), now)
     pods = [PodView.from_body(pod) for pod in pod_bodies if owned_by(pod, spec.uid)]
     backoff = Backoff(config.backoff_base_seconds, config.backoff_max_seconds)
-    return spec, reconcile(spec, old_status, pods, now, backoff, progress)
+    plan = reconcile(spec, old_status, pods, now, backoff, progress)
+    if plan.create_ranks:
+        # Render (and so validate) the MindFormers YAML before any rank pod is posted: a layout or override the
+        # model cannot take fails the job once, naming it, instead of starting pods that never get their config.
+        try:
+            plan.config_yaml = render_finetune_config(spec)
+        except ValueError as err:  # telechat2.configs.ConfigError names the MindFormers key
+            return None, invalid_spec_plan(
+                old_status, SpecError("spec", f"the model's config rejects it: {err}"), spec.generation, now
+            )
+    return spec, plan
 
 
 def latest_progress(key: Hashable, old_status: Mapping[str, Any], pod_bodies: list[dict[str, Any]]) -> Any:
@@ -344,13 +355,15 @@ def create_children(spec: FinetuneSpec, plan: Plan) -> bool:
     if plan.create_merge is not None:
         metrics.MERGES.labels(kind=KIND).inc()
         pods.append(build_merge_pod(spec, plan.create_merge))
+    if plan.create_init:
+        pods.append(build_init_pod(spec))
     key = (spec.namespace, spec.name)
     trace(key, "pods-built")
     posted_pods.update((spec.namespace, pod["metadata"]["name"]) for pod in pods)  # before: events can beat replies
     created = run_all([lambda pod=pod: k8s.create(pod) for pod in pods])
     trace(key, "pods-posted")
     if plan.ensure_children:
-        run_all([lambda: ensure_config_map(spec), lambda: k8s.create(build_service(spec))])
+        run_all([lambda: ensure_config_map(spec, plan.config_yaml), lambda: k8s.create(build_service(spec))])
         trace(key, "children-posted")
     ranks = len(plan.create_ranks)
     return ranks > 0 and all(result is True for result in created[:ranks])
@@ -369,8 +382,9 @@ def log_failure(future: Future[object]) -> None:
         logger.warning("posting an Event failed: %s", future.exception())
 
 
-def ensure_config_map(spec: FinetuneSpec) -> None:
-    config_map = build_config_map(spec)
+def ensure_config_map(spec: FinetuneSpec, rendered: str | None = None) -> None:
+    """The ConfigMap, from the YAML `decide` rendered (rendered again only when a caller has none)."""
+    config_map = build_config_map(spec) if rendered is None else build_config_map(spec, lambda _: rendered)
     k8s.create_or_patch(config_map, {"data": config_map["data"]})
 
 
