@@ -117,8 +117,12 @@ def test_dynamic_ntk_base_and_mscale_follow_the_formula():
     assert dynamic_ntk_base_and_mscale(32768, cfg)[0] == pytest.approx(10000 * 7 ** (128 / 126))
     # within the trained length: L = max(seq, training) = 8192 -> alpha = 2^1 - 1 = 1, no scaling
     assert dynamic_ntk_base_and_mscale(4096, cfg) == (10000.0, 1.0)
-    # without DYNAMIC_NTK nothing changes, however long
-    assert dynamic_ntk_base_and_mscale(32768, tiny_config()) == (10000.0, 1.0)
+    # without DYNAMIC_NTK the same: the official model always applies it (its NTK branch is `if True:`)
+    assert dynamic_ntk_base_and_mscale(32768, tiny_config()) == dynamic_ntk_base_and_mscale(
+        32768, tiny_config(extend_method="DYNAMIC_NTK")
+    )
+    assert dynamic_ntk_base_and_mscale(32768, tiny_config())[0] == pytest.approx(10000 * 1023 ** (16 / 14))
+    assert dynamic_ntk_base_and_mscale(32, tiny_config()) == (10000.0, 1.0)  # within training_seqlen 64
 
 
 def test_model_rotary_tables_use_the_ntk_base_past_the_trained_length():
@@ -129,8 +133,7 @@ def test_model_rotary_tables_use_the_ntk_base_past_the_trained_length():
     mscale = 1 + 0.1 * math.log(2)
     position, i = 37, 5  # angle of position p, frequency pair i: p / base^(2i / D), repeated in both halves
     angle = position / base ** (2 * i / head_dim)
-    cos = model.model.rope_cos.asnumpy()
-    sin = model.model.rope_sin.asnumpy()
+    cos, sin = (table.asnumpy() for table in model.model.rotary(0, 64))  # a sequence of 64 tokens
     assert cos[position, i] == pytest.approx(math.cos(angle) * mscale, rel=1e-5)
     assert cos[position, i + head_dim // 2] == pytest.approx(math.cos(angle) * mscale, rel=1e-5)
     assert sin[position, i] == pytest.approx(math.sin(angle) * mscale, rel=1e-5)
@@ -337,3 +340,177 @@ def test_graph_mode_training_steps_reduce_the_loss(moe):
         ms.set_context(mode=ms.PYNATIVE_MODE)
     assert losses[0] == pytest.approx(pynative_loss, rel=1e-4)  # graph and PyNative compute the same loss
     assert losses[-1] < 0.7 * losses[0]
+
+
+# -- dynamic NTK as the official model computes it: per sequence length, prefill and every decoding step ------------
+#
+# Reference: Tele-AI/TeleChat2, model/115B/modeling_telechat.py (and llama_factory_training/modeling_telechat2.py),
+# `RotaryEmbedding.forward` and `TelechatAttention.forward`: seq_len = new tokens + cached ones, floored at
+# training_seqlen; alpha = max(2^ceil(log(seq_len / base_seqlen, 2) + 1) - 1, 1); base * alpha^(D / (D - 2));
+# mscale = 0.1 ln(seq_len / training_seqlen) + 1 past it; cos and sin times mscale; the new tokens take rows
+# offset.. of that table. Cached keys keep the rotation they got when computed.
+
+
+def _official_rotary(seq_len: int, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """The official RotaryEmbedding.forward(seq_len=seq_len) table in float64: cos, sin [max(seq_len, T_train), D]."""
+    seq_len = max(seq_len, cfg.training_seqlen)
+    context_value = math.log(seq_len / cfg.max_position_embedding, 2) + 1
+    ntk_alpha = max(2 ** math.ceil(context_value) - 1, 1)
+    scale = seq_len / cfg.training_seqlen
+    mscale = 1.0 if scale <= 1 else 0.1 * math.log(scale) + 1.0
+    dim = cfg.head_dim
+    base = 10000.0 * ntk_alpha ** (dim / (dim - 2))
+    inv_freq = 1.0 / base ** (np.arange(0, dim, 2) / dim)
+    emb = np.outer(np.arange(seq_len), inv_freq)
+    emb = np.concatenate([emb, emb], axis=-1)
+    return mscale * np.cos(emb), mscale * np.sin(emb)
+
+
+def _numpy_logits(ids: list[int], w: dict[str, np.ndarray], cfg, rotated_at: list[int], rotary=None) -> np.ndarray:
+    """TeleChat2 in numpy (all layers, float64) -> logits [T, V]; position p is rotated with the official table of a
+    sequence rotated_at[p] tokens long (the length when its query and key were computed), or `rotary(length)`'s."""
+    heads, kv_heads, dim = cfg.num_heads, cfg.n_kv_heads, cfg.head_dim
+    rotary = rotary or (lambda n: _official_rotary(n, cfg))
+    tables = {n: rotary(n) for n in set(rotated_at)}
+
+    def rms(x, weight):
+        return x / np.sqrt((x**2).mean(-1, keepdims=True) + cfg.rms_norm_eps) * weight
+
+    def rotate(x):  # x [T, heads, D]
+        cos = np.stack([tables[n][0][p] for p, n in enumerate(rotated_at)])[:, None]
+        sin = np.stack([tables[n][1][p] for p, n in enumerate(rotated_at)])[:, None]
+        return x * cos + np.concatenate([-x[..., dim // 2 :], x[..., : dim // 2]], axis=-1) * sin
+
+    x = w["model.tok_embeddings.embedding_weight"][ids].astype(np.float64)
+    length = len(ids)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        h = rms(x, w[p + "attention_norm.weight"])
+        q = rotate((h @ w[p + "attention.wq.weight"].T).reshape(length, heads, dim))
+        kv = (h @ w[p + "attention.wk_v.weight"].T).reshape(length, kv_heads, 2 * dim)
+        k, v = rotate(kv[..., :dim]), kv[..., dim:]
+        context = np.zeros((length, heads, dim))
+        for head in range(heads):
+            group = head // (heads // kv_heads)
+            scores = q[:, head] @ k[:, group].T / math.sqrt(dim)
+            scores[np.triu_indices(length, 1)] = -np.inf
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            context[:, head] = (probs / probs.sum(-1, keepdims=True)) @ v[:, group]
+        x = x + context.reshape(length, -1) @ w[p + "attention.wo.weight"].T + w[p + "attention.wo.bias"]
+        h = rms(x, w[p + "ffn_norm.weight"])
+        gate, up = h @ w[p + "feed_forward.w1.weight"].T, h @ w[p + "feed_forward.w3.weight"].T
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ w[p + "feed_forward.w2.weight"].T + w[p + "feed_forward.w2.bias"]
+    return rms(x, w["model.norm_out.weight"]) @ w["lm_head.weight"].T
+
+
+def _model(seed: int, **overrides):
+    model = TeleChat2ForCausalLM(tiny_config(**overrides))
+    weights = random_weights(model, seed)
+    model.set_train(False)
+    return model, weights
+
+
+def _cached_decode(model, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray]:
+    """Greedy: prefill (PyNative), then `steps` compiled static-cache steps -> (tokens, logits [steps + 1, V])."""
+    decoder = model.static_decoder()
+    logits, cache = model.forward(ms.Tensor([prompt], ms.int32), last_only=True)
+    keys, values = decoder.empty_cache(cache)
+    rows = [logits.asnumpy()[0, -1]]
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(np.argmax(rows[-1])))
+        logits, keys, values = decoder.step(ids[-1], len(ids) - 1, keys, values)
+        rows.append(logits.asnumpy()[0, -1])
+    return ids[len(prompt) :], np.stack(rows)
+
+
+def test_ntk_alpha_and_mscale_follow_the_current_length_floored_at_the_trained_one():
+    cfg = tiny_config(training_seqlen=16, max_position_embedding=16, seq_length=64)
+    for length in (1, 16, 17, 24, 32, 33, 64):
+        base, mscale = dynamic_ntk_base_and_mscale(length, cfg)
+        cos, sin = rotary_cos_sin(length, 16, base, mscale)
+        official_cos, official_sin = _official_rotary(length, cfg)
+        np.testing.assert_allclose(cos, official_cos[:length], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(sin, official_sin[:length], rtol=1e-6, atol=1e-7)
+    assert dynamic_ntk_base_and_mscale(16, cfg) == (10000.0, 1.0)
+    assert dynamic_ntk_base_and_mscale(24, cfg) == pytest.approx((10000 * 3 ** (16 / 14), 1 + 0.1 * math.log(1.5)))
+    assert dynamic_ntk_base_and_mscale(33, cfg)[0] == pytest.approx(10000 * 7 ** (16 / 14))  # log2(33/16)+1 > 2
+    # base_seqlen below the trained length: alpha > 1 even for short sequences, as the official code computes
+    assert dynamic_ntk_base_and_mscale(4, tiny_config(training_seqlen=32, max_position_embedding=16))[0] == (
+        pytest.approx(10000 * 3 ** (16 / 14))
+    )
+
+
+@pytest.mark.parametrize("extend_method", ["None", "DYNAMIC_NTK"])
+def test_a_long_seq_length_deployment_gives_short_prompts_the_trained_logits(extend_method):
+    """seq_length 32768 (training_seqlen 8192) must not change what an 8192 deployment computes on a short prompt."""
+    trained = {"training_seqlen": 8192, "max_position_embedding": 8192}
+    short, weights = _model(31, seq_length=8192, **trained)
+    long = TeleChat2ForCausalLM(tiny_config(seq_length=32768, extend_method=extend_method, **trained))
+    for name, param in long.parameters_and_names():
+        param.set_data(ms.Tensor(weights[name]))
+    long.set_train(False)
+    prompt = [1, 4, 57, 91, 230, 18, 77, 5]
+    expected = short.forward(ms.Tensor([prompt], ms.int32))[0].asnumpy()[0]
+    np.testing.assert_allclose(long.forward(ms.Tensor([prompt], ms.int32))[0].asnumpy()[0], expected, atol=1e-5)
+    np.testing.assert_allclose(expected, _numpy_logits(prompt, weights, short.architecture, [8192] * 8), atol=1e-4)
+    short_tokens, short_logits = _cached_decode(short, prompt, 4)
+    long_tokens, long_logits = _cached_decode(long, prompt, 4)
+    assert long_tokens == short_tokens
+    np.testing.assert_allclose(long_logits, short_logits, atol=1e-5)
+
+
+NTK = {"training_seqlen": 16, "max_position_embedding": 16, "seq_length": 64}  # no extend_method set
+
+
+def test_a_prompt_past_the_trained_length_engages_the_official_ntk_in_prefill():
+    model, weights = _model(32, **NTK)
+    prompt = np.random.default_rng(33).integers(4, 512, 24).tolist()
+    mine = model.forward(ms.Tensor([prompt], ms.int32))[0].asnumpy()[0]
+    official = _numpy_logits(prompt, weights, model.architecture, [24] * 24)  # alpha 3, mscale 1 + 0.1 ln 1.5
+    np.testing.assert_allclose(mine, official, rtol=1e-4, atol=1e-4)
+    plain = _numpy_logits(prompt, weights, model.architecture, [24] * 24, lambda n: rotary_cos_sin(n, 16, 10000.0))
+    assert np.abs(plain - official).max() > 1e-2
+
+
+def test_kv_cache_decoding_recomputes_alpha_and_mscale_at_every_step_like_the_official_model():
+    """Prompt of 30 tokens (alpha 3), decoding to 36: alpha becomes 7 at length 33 and mscale grows each step; the
+    compiled step and the PyNative growing cache both give the official cached logits, and greedy decoding with the
+    cache picks the tokens decoding without it (whole sequence rerun at its current length) picks."""
+    from telechat2.generation import GenerationConfig, generate
+
+    model, weights = _model(34, **NTK)
+    prompt = np.random.default_rng(35).integers(4, 512, 30).tolist()
+    tokens, logits = _cached_decode(model, prompt, 6)
+    ids = prompt + tokens
+    rotated_at = [30] * 30 + [p + 1 for p in range(30, len(ids))]  # prefill at 30, then each step at its length
+    official = _numpy_logits(ids, weights, model.architecture, rotated_at)[29:]
+    np.testing.assert_allclose(logits, official, rtol=1e-4, atol=1e-4)
+    _, cache = model.forward(ms.Tensor([prompt], ms.int32))
+    for position in range(30, len(ids) - 1):
+        step, cache = model.forward(ms.Tensor([[ids[position]]], ms.int32), cache, position)
+        np.testing.assert_allclose(step.asnumpy()[0, -1], logits[position - 29], rtol=1e-4, atol=1e-4)
+    at_prompt = dynamic_ntk_base_and_mscale(30, model.architecture)  # alpha and mscale frozen at the prompt's
+    frozen = _numpy_logits(ids, weights, model.architecture, rotated_at, lambda n: rotary_cos_sin(n, 16, *at_prompt))[
+        29:
+    ]
+    assert np.abs(frozen - official).max() > 1e-3
+    config = GenerationConfig(max_new_tokens=6, repetition_penalty=1.0, stop_token_ids=())
+    cached = generate(model, prompt, config)
+    config.use_cache = False
+    assert cached == tokens == generate(model, prompt, config)
+
+
+def test_graph_mode_forward_past_the_trained_length_uses_the_same_rotary():
+    """In graph mode the lengths are static: the per-length table is a compile-time constant, same loss."""
+    model = build_tiny_model(seed=12, training_seqlen=8, max_position_embedding=8, seq_length=32)
+    ids = _ids(np.random.default_rng(13), (2, 17))  # 16 tokens: past training_seqlen, short of seq_length
+    pynative_loss = float(model(ids, ids).asnumpy())
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        graph_loss = float(model(ids, ids).asnumpy())
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    assert graph_loss == pytest.approx(pynative_loss, rel=1e-5)
+    plain = build_tiny_model(seed=12, training_seqlen=32, max_position_embedding=32, seq_length=32)
+    assert abs(float(plain(ids, ids).asnumpy()) - pynative_loss) > 1e-4  # NTK engaged at 16 tokens
