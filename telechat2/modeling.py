@@ -411,11 +411,34 @@ def load_balancing_loss(router_probs: Tensor, expert_mask: Tensor) -> Tensor:
     return num_experts * (choices * mean_probs).sum()
 
 
+def expert_capacity(tokens: int, top_k: int, capacity_factor: float, num_experts: int) -> int:
+    """Choices one expert takes per forward pass: min(ceil(k * tokens * capacity_factor / E), tokens), as
+    MindFormers' `calculate_expert_capacity_v2` (without model-parallel rounding)."""
+    return min(math.ceil(top_k * tokens * capacity_factor / num_experts), tokens)
+
+
+_expert_capacity = ms.constexpr(expert_capacity)  # shapes are static in graph mode: a compile-time int
+
+
+def capacity_keep_mask(top_experts: Tensor, num_experts: int, capacity: int) -> Tensor:
+    """float32 [M, k], 1 where token m's choice j fits within its expert's capacity (MindFormers TopkRouterV2 with
+    enable_sdrop False, "kdrop"): every token's first choice is served before any second choice, and within one
+    round earlier tokens first; an expert takes its first `capacity` choices in that order, the rest are dropped."""
+    tokens, top_k = top_experts.shape
+    order = top_experts.T.reshape(-1)  # [k*M], choice-major
+    chosen = ops.one_hot(order, num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))  # [kM, E]
+    position = (ops.cumsum(chosen, axis=0) * chosen).sum(axis=-1)  # 1-based place in its expert's queue
+    return (position <= capacity).astype(ms.float32).reshape(top_k, tokens).T
+
+
 class TeleChat2MoE(nn.Cell):
     """Top-k mixture of experts (39B-A12B: 16 experts, top 4, no shared expert).
 
     Scores = softmax(router(x)) in float32; each token keeps its top-k experts, their weights renormalised to sum
-    to 1 (norm_topk_prob). Dense dispatch: no token is dropped, so `capacity_factor` does not apply on this path.
+    to 1 (norm_topk_prob). In training (`set_train(True)`), with capacity_factor > 0, choices over an expert's
+    capacity are dropped as MindFormers' TopkRouterV2 does (`capacity_keep_mask`; the kept weights are not
+    renormalised, a token that loses every choice passes through the residual only); inference drops nothing.
+    Dense dispatch: every expert runs on every token and the combine weights select, so dropping is exact.
     """
 
     def __init__(self, config: TeleChat2Config) -> None:
@@ -423,6 +446,7 @@ class TeleChat2MoE(nn.Cell):
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
+        self.capacity_factor = config.capacity_factor
         self.router = TeleChat2Router(config)
         self.ffn = TeleChat2Experts(config)
 
@@ -435,7 +459,11 @@ class TeleChat2MoE(nn.Cell):
         if self.norm_topk_prob:
             top_probs = top_probs / top_probs.sum(axis=-1, keepdims=True)
         chosen = ops.one_hot(top_experts, self.num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
-        combine = (chosen * top_probs.expand_dims(-1)).sum(axis=1)  # [M, E], zero outside the top-k
+        weights = top_probs
+        if self.training and self.capacity_factor > 0:
+            capacity = _expert_capacity(batch * length, self.top_k, self.capacity_factor, self.num_experts)
+            weights = top_probs * capacity_keep_mask(top_experts, self.num_experts, capacity)
+        combine = (chosen * weights.expand_dims(-1)).sum(axis=1)  # [M, E], zero outside the (kept) top-k
         expert_out = self.ffn(tokens)  # [E, M, H]
         out = (expert_out.astype(ms.float32) * combine.T.expand_dims(-1)).sum(axis=0)  # [M, H]
         aux_loss = load_balancing_loss(probs, chosen.sum(axis=1))

@@ -14,7 +14,9 @@ from telechat2.modeling import (
     TeleChat2MoE,
     TeleChat2RMSNorm,
     apply_rotary_pos_emb,
+    capacity_keep_mask,
     dynamic_ntk_base_and_mscale,
+    expert_capacity,
     load_balancing_loss,
     rotary_cos_sin,
 )
@@ -267,17 +269,22 @@ def test_without_gqa_the_model_runs_and_caches_all_heads():
 # -- mixture of experts ------------------------------------------------------------------------------------------------
 
 
-def _numpy_moe(x: np.ndarray, params: dict[str, np.ndarray], top_k: int) -> tuple[np.ndarray, float]:
-    """Reference: softmax router, top-k, renormalised weights, SwiGLU experts with down bias, Switch aux loss."""
+def _numpy_moe(
+    x: np.ndarray, params: dict[str, np.ndarray], top_k: int, capacity: int | None = None
+) -> tuple[np.ndarray, float]:
+    """Reference: softmax router, top-k, renormalised weights, SwiGLU experts with down bias, Switch aux loss;
+    with `capacity`, choices over it dropped (`_numpy_keep`) and the kept weights left as they are."""
     tokens = x.reshape(-1, x.shape[-1]).astype(np.float64)
     scores = tokens @ params["router.dense.weight"].T
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     out = np.zeros_like(tokens)
     chosen = np.zeros_like(probs)
+    tops = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
+    keep = np.ones(tops.shape) if capacity is None else _numpy_keep(tops, probs.shape[-1], capacity)
     for m, row in enumerate(probs):
-        top = np.argsort(-row)[:top_k]
-        weights = row[top] / row[top].sum()
+        top = tops[m]
+        weights = row[top] / row[top].sum() * keep[m]
         chosen[m, top] = 1
         for e, w in zip(top, weights, strict=True):
             gate = tokens[m] @ params["ffn.w1.weight"][e].T
@@ -298,6 +305,89 @@ def test_moe_layer_matches_a_numpy_reference_with_renormalised_top_k():
     expected_out, expected_aux = _numpy_moe(x, params, top_k=2)
     np.testing.assert_allclose(out.asnumpy(), expected_out, rtol=1e-4, atol=1e-5)
     assert float(aux.asnumpy()) == pytest.approx(expected_aux, rel=1e-5)
+
+
+# -- MoE capacity in training: MindFormers TopkRouterV2 (enable_sdrop False, the 39B-A12B yamls' router) ----------
+
+
+def _numpy_keep(top_experts: np.ndarray, num_experts: int, capacity: int) -> np.ndarray:
+    """MindFormers `_maskout_overflowed_tokens_sort_kdrop`, as loops: choices queued round by round (every token's
+    first choice, then every second one, ...), tokens in order; an expert keeps the first `capacity`."""
+    taken = np.zeros(num_experts, int)
+    keep = np.zeros(top_experts.shape)
+    for j in range(top_experts.shape[1]):
+        for m in range(top_experts.shape[0]):
+            taken[top_experts[m, j]] += 1
+            keep[m, j] = taken[top_experts[m, j]] <= capacity
+    return keep
+
+
+def test_expert_capacity_is_mindformers_formula():
+    assert expert_capacity(32, 2, 1.2, 4) == 20  # ceil(2 * 32 * 1.2 / 4)
+    assert expert_capacity(8192, 4, 1.2, 16) == 2458  # 39B-A12B, one 8192-token sequence
+    assert expert_capacity(3, 4, 1.2, 2) == 3  # never more than the tokens
+
+
+def test_capacity_keep_mask_serves_first_choices_first_then_tokens_in_order():
+    top = np.array([[0, 1], [0, 1], [0, 1], [1, 0], [0, 1], [0, 1]])
+    keep = capacity_keep_mask(ms.Tensor(top, ms.int32), 2, 3).asnumpy()
+    # expert 0 takes the first choices of tokens 0, 1, 2 (full); expert 1 token 3's first choice, then the second
+    # choices of tokens 0 and 1 (full); everything after is dropped
+    np.testing.assert_array_equal(keep, [[1, 1], [1, 1], [1, 0], [1, 0], [0, 0], [0, 0]])
+    rng = np.random.default_rng(40)
+    top = np.stack([rng.choice(8, 3, replace=False) for _ in range(50)])
+    keep = capacity_keep_mask(ms.Tensor(top, ms.int32), 8, 12).asnumpy()
+    np.testing.assert_array_equal(keep, _numpy_keep(top, 8, 12))
+    assert 0 < keep.sum() < keep.size
+
+
+def _skewed_moe(capacity_factor: float) -> tuple[TeleChat2MoE, dict[str, np.ndarray]]:
+    """Tiny MoE (4 experts, top 2) whose router sends most tokens to expert 0 first."""
+    moe = TeleChat2MoE(tiny_config(num_experts=4, num_experts_per_tok=2, capacity_factor=capacity_factor))
+    params = random_weights(moe, seed=41, std=0.2, bias_std=0.3)
+    params["router.dense.weight"][0] += 0.5  # x has a positive mean below: expert 0 scores highest
+    moe.router.dense.weight.set_data(ms.Tensor(params["router.dense.weight"]))
+    return moe, params
+
+
+def test_moe_drops_choices_over_capacity_in_training_and_nothing_in_inference():
+    moe, params = _skewed_moe(1.2)
+    x = (np.random.default_rng(42).standard_normal((2, 5, 64)) + 0.3).astype(np.float32)  # M = 10 tokens
+    eval_out = moe(ms.Tensor(x))[0].asnumpy()
+    np.testing.assert_allclose(eval_out, _numpy_moe(x, params, top_k=2)[0], rtol=1e-4, atol=1e-5)
+    moe.set_train(True)
+    train_out = moe(ms.Tensor(x))[0].asnumpy()
+    capacity = expert_capacity(10, 2, 1.2, 4)  # 6
+    expected = _numpy_moe(x, params, top_k=2, capacity=capacity)[0]
+    np.testing.assert_allclose(train_out, expected, rtol=1e-4, atol=1e-5)
+    dropped = np.abs(train_out - eval_out).reshape(10, 64).max(-1) > 1e-5
+    assert 0 < dropped.sum() < 10  # some tokens lost a choice: expert 0 took only its first 6 first choices
+    assert not dropped[:capacity].any()
+
+
+def test_a_token_that_loses_every_choice_gets_no_expert_output():
+    moe, params = _skewed_moe(0.2)  # capacity ceil(2 * 10 * 0.2 / 4) = 1 choice per expert
+    moe.set_train(True)
+    x = (np.random.default_rng(43).standard_normal((1, 10, 64)) + 0.3).astype(np.float32)
+    out = moe(ms.Tensor(x))[0].asnumpy()[0]
+    served = np.abs(out).max(-1) > 0
+    assert served.sum() <= 4 * 1 * 2  # at most capacity choices per expert, each serving one token
+    assert (~served).any()  # the others: exactly zero, the residual carries them
+    np.testing.assert_allclose(out, _numpy_moe(x, params, top_k=2, capacity=1)[0][0], rtol=1e-4, atol=1e-5)
+
+
+def test_moe_training_loss_with_capacity_dropping_differs_from_dropless():
+    """The figure in docs/notes/model.md: the same tiny MoE model and batch, loss in training mode at
+    capacity_factor 1.2 against capacity_factor 0 (no dropping)."""
+    losses = {}
+    for factor in (1.2, 0.0):
+        model = build_tiny_model(seed=44, num_experts=4, num_experts_per_tok=2, capacity_factor=factor)
+        model.set_train(True)
+        losses[factor] = float(
+            model(_ids(np.random.default_rng(45), (4, 64)), _ids(np.random.default_rng(45), (4, 64))).asnumpy()
+        )
+    assert losses[1.2] != pytest.approx(losses[0.0], abs=1e-6)
+    assert losses[1.2] == pytest.approx(losses[0.0], rel=0.05)  # a few choices dropped, not a different model
 
 
 def test_load_balancing_loss_is_one_when_balanced_and_larger_when_skewed():
