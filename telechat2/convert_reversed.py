@@ -196,7 +196,10 @@ def convert_ms_to_hf(
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (staging / "config.json").write_text(json.dumps(hf_config or hf_config_dict(config), indent=2) + "\n")
+        if hf_config is None:
+            torch_dtype = np.dtype(specs[0].dtype).name if specs else "float32"
+            hf_config = hf_config_dict(config, torch_dtype=torch_dtype)
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if target.exists():
             target.rmdir()  # empty, checked above
         os.replace(staging, target)
