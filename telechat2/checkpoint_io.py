@@ -91,6 +91,41 @@ def st_dtype(dtype: np.dtype) -> str:
         raise CheckpointError(f"dtype {dtype} has no safetensors type") from None
 
 
+FINITE_CHECK_VALUES = 1 << 24  # non-finite values are looked for 16M values at a time, so memory stays flat
+
+
+def non_finite(values: np.ndarray) -> tuple[int, int] | None:
+    """(how many NaN/Inf values, flat index of the first) in a float array; None when all are finite or the
+    dtype is not floating point. bfloat16 is checked through float32, one chunk at a time."""
+    kind = values.dtype.name
+    if kind != "bfloat16" and not np.issubdtype(values.dtype, np.floating):
+        return None
+    flat = values.reshape(-1)
+    count, first = 0, -1
+    for start in range(0, flat.size, FINITE_CHECK_VALUES):
+        part = flat[start : start + FINITE_CHECK_VALUES]
+        bad = ~np.isfinite(part.astype(np.float32) if kind == "bfloat16" else part)
+        n = int(np.count_nonzero(bad))
+        if n:
+            first = first if count else start + int(np.argmax(bad))
+            count += n
+    return (count, first) if count else None
+
+
+def check_finite(where: str, values: np.ndarray, out: np.ndarray) -> None:
+    """NaN/Inf in a weight is a broken checkpoint (merge, convert and convert-reversed all refuse it): fail naming
+    the tensor (`where`), saying when it is the cast of finite `values` to `out`'s narrower dtype that overflowed."""
+    found = non_finite(out)
+    if found is None:
+        return
+    count, first = found
+    if out is not values and non_finite(values) is None:
+        raise CheckpointError(
+            f"{where}: {count} value(s) overflow {out.dtype} (the first at flat index {first}); choose a wider --dtype"
+        )
+    raise CheckpointError(f"{where} has {count} non-finite value(s) (NaN/Inf), the first at flat index {first}")
+
+
 # --- protobuf wire format (just what checkpoint.proto uses) -----------------------------------------------------
 
 

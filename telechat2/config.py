@@ -24,10 +24,12 @@ class TeleChat2Config:
     intermediate_size: int = 12288  # FFN width; per expert for MoE
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    seq_length: int = 8192  # longest sequence this run handles (past training_seqlen needs DYNAMIC_NTK)
+    seq_length: int = 8192  # longest sequence this run handles (rotary follows each sequence's own length)
     max_position_embedding: int = 8192  # base_seqlen of dynamic NTK
     training_seqlen: int = 8192
-    extend_method: str = "None"  # "None" or "DYNAMIC_NTK"
+    # "None" or "DYNAMIC_NTK", kept for MindFormers YAML: dynamic NTK applies either way, per sequence length, as in
+    # the official model (telechat2.modeling.dynamic_ntk_base_and_mscale).
+    extend_method: str = "None"
     initializer_range: float = 0.0048
     bos_token_id: int = 1
     eos_token_id: int = 2

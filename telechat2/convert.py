@@ -3,8 +3,9 @@
 Reads safetensors with `safe_open(framework="np")` (no torch needed) or, when torch is installed, `pytorch_model*.bin`
 (memory-mapped). The tensor names, shapes and layouts come from `telechat2.weights.conversion_plan`; everything is
 checked against the architecture (from `config.json` in the torch directory, or `--model`) before a byte is
-written, and every missing, unexpected or mis-shaped tensor is named. Tensors are then read and written one at a
-time, so peak memory is about the largest single tensor whatever the model size.
+written, and every missing, unexpected or mis-shaped tensor is named. A tensor holding NaN or Inf (or overflowing
+the requested --dtype) fails the conversion naming it, as `telechat2 merge` does; no output file is left. Tensors
+are read and written one at a time, so peak memory is about the largest single tensor whatever the model size.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from telechat2.checkpoint_io import ST_TO_NP, CheckpointError, CkptWriter, numpy_dtype
+from telechat2.checkpoint_io import ST_TO_NP, CheckpointError, CkptWriter, check_finite, numpy_dtype
 from telechat2.config import TeleChat2Config
 from telechat2.weights import Piece, TensorPlan, architecture_from_hf_config, conversion_plan, hf_shapes
 
@@ -62,6 +63,31 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=DTYPES, default="float32", help="dtype of the output tensors (default float32, as the seed)"
     )
     add_architecture_arguments(parser)
+    from telechat2.completion import add_completion_arguments
+
+    add_completion_arguments(parser)
+
+
+def convert_inputs(args: argparse.Namespace) -> dict:
+    """What the checkpoint depends on: the Hugging Face files (weights and config.json) and the settings."""
+    from telechat2 import completion
+
+    directory = Path(args.torch_path)
+    if not directory.is_dir():
+        raise CheckpointError(f"--torch_path {directory} is not a directory")
+    files = sorted(
+        p
+        for p in directory.iterdir()
+        if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+    )
+    return completion.describe_inputs(
+        files,
+        command="convert",
+        qkv_concat=bool(args.qkv_concat),
+        dtype=args.dtype,
+        model=args.model,
+        config_json=args.config_json,
+    )
 
 
 def resolve_architecture(model: str | None, config_json: str | Path | None) -> TeleChat2Config:
@@ -139,6 +165,9 @@ class HFSource:
             self._torch_states[path] = state
             for name, tensor in state.items():
                 self._add(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), path)
+
+    def file_of(self, name: str) -> Path:
+        return self._file_of[name]
 
     def read(self, name: str) -> np.ndarray:
         path = self._file_of[name]
@@ -226,7 +255,11 @@ def convert_hf_to_ms(
                 cache.clear()
                 cache[piece.hf_name] = source.read(piece.hf_name)
             values = piece_values(cache[piece.hf_name], piece, config)
-            yield values if values.dtype == out_dtype else values.astype(out_dtype)
+            with np.errstate(over="ignore"):  # an overflowing cast is reported by check_finite, naming the tensor
+                out = values if values.dtype == out_dtype else values.astype(out_dtype)
+            where = f"{piece.hf_name} (in {source.file_of(piece.hf_name).name}, for {tensor.ms_name})"
+            check_finite(where, values, out)
+            yield out
         cache.clear()
 
     total = 0
@@ -244,15 +277,25 @@ def convert_hf_to_ms(
 
 
 def run(args: argparse.Namespace) -> int:
+    from telechat2 import completion
+
     try:
+        inputs = convert_inputs(args)
+        if args.skip_if_complete and completion.is_complete(args.mindspore_path, inputs):
+            marker = completion.marker_path(args.mindspore_path)
+            print(f"{args.mindspore_path} is complete for these inputs ({marker}): nothing to do")
+            return 0
+        completion.invalidate(args.mindspore_path)
         if args.config_json and not Path(args.config_json).is_file():
             raise CheckpointError(f"--config_json {args.config_json} does not exist")
         config = resolve_architecture(args.model, args.config_json or Path(args.torch_path) / "config.json")
         summary = convert_hf_to_ms(
             args.torch_path, args.mindspore_path, config, args.qkv_concat, args.dtype, progress=True
         )
-    except CheckpointError as err:
+        completion.write_marker(args.mindspore_path, inputs, [Path(args.mindspore_path)])
+    except (CheckpointError, OSError) as err:
         print(f"telechat2 convert: error: {err}", file=sys.stderr)
+        completion.write_termination_message(args.termination_message_path, f"telechat2 convert: {err}")
         return 1
     layout = "qkv_concat" if args.qkv_concat else "kv_concat"
     print(

@@ -6,7 +6,8 @@ w_qkv re-interleaved per KV head, ...). The layout (kv_concat or qkv_concat) is 
 state a finetuned checkpoint carries (optimizer moments, step counters) is skipped and counted.
 
 Output follows Hugging Face: `model.safetensors`, or `model-0000i-of-0000n.safetensors` shards plus
-`model.safetensors.index.json` when larger than --max_shard_size, and a `config.json`. It is written into a
+`model.safetensors.index.json` when larger than --max_shard_size, and a `config.json`. A tensor holding NaN or Inf
+(or overflowing the requested --dtype) fails the conversion naming it; nothing is left behind. It is written into a
 temporary sibling directory and renamed into place at the end.
 """
 
@@ -25,7 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from telechat2.checkpoint_io import CheckpointError, CkptReader, SafetensorsSpec, SafetensorsWriter, numpy_dtype
+from telechat2.checkpoint_io import (
+    CheckpointError,
+    CkptReader,
+    SafetensorsSpec,
+    SafetensorsWriter,
+    check_finite,
+    numpy_dtype,
+)
 from telechat2.config import TeleChat2Config
 from telechat2.convert import add_architecture_arguments, resolve_architecture
 from telechat2.weights import conversion_plan, hf_config_dict, hf_shapes, piece_shape
@@ -174,7 +182,11 @@ def convert_ms_to_hf(
             with SafetensorsWriter(staging / file_name, shard) as writer:
                 for spec in shard:
                     array = assemble(reader, locations[spec.name], config)
-                    writer.write(spec.name, array if array.dtype == spec.dtype else array.astype(spec.dtype))
+                    with np.errstate(over="ignore"):  # an overflowing cast is reported by check_finite
+                        out = array if array.dtype == spec.dtype else array.astype(spec.dtype)
+                    sources = ", ".join(dict.fromkeys(ms_name for ms_name, *_ in locations[spec.name]))
+                    check_finite(f"{spec.name} (from {sources} in {reader.path})", array, out)
+                    writer.write(spec.name, out)
                     weight_map[spec.name] = file_name
                     if bar:
                         bar.update()
@@ -184,7 +196,10 @@ def convert_ms_to_hf(
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (staging / "config.json").write_text(json.dumps(hf_config or hf_config_dict(config), indent=2) + "\n")
+        if hf_config is None:
+            torch_dtype = np.dtype(specs[0].dtype).name if specs else "float32"
+            hf_config = hf_config_dict(config, torch_dtype=torch_dtype)
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if target.exists():
             target.rmdir()  # empty, checked above
         os.replace(staging, target)

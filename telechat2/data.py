@@ -14,8 +14,11 @@ per-conversation loop); here each `<_start>` stays before its own sample, as the
 
 Unlike the reference: the final partial pack is written; an over-long sample (more than max_length tokens) is never
 dropped silently (`--overlong error|truncate|skip`, lines listed); a malformed line fails the run with its line
-number unless `--skip-bad-lines`; output is written into a temporary directory beside the target and renamed
-into place only when everything succeeded, so a failed run leaves no output file.
+number unless `--skip-bad-lines` (a line longer than `--max-line-bytes`, default 4 MiB, counts as malformed and is
+never parsed or tokenized, so a hostile 50 MB line costs no memory; a lone surrogate escape, JSON nested too deeply
+and a vocab file that is not a sentencepiece model are named too, and a UTF-8 BOM opening a line is dropped);
+output is written into a temporary directory beside the target and renamed into place only when everything
+succeeded, so a failed run leaves no output file.
 
 The parse / tokenize / pack steps are pure functions; only `write_mindrecord` touches MindSpore.
 """
@@ -33,7 +36,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
@@ -46,6 +49,13 @@ OVERLONG_POLICIES = ("error", "truncate", "skip")
 SCHEMA = {"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}}
 DEFAULT_OUTPUT_NAME = "dataset.mindrecord"
 MAX_LISTED_LINES = 20  # error messages list this many line numbers, then a count
+# Lines longer than this are refused before JSON parsing and tokenization (`--max-line-bytes` raises it):
+# parsing and tokenizing one huge line costs about 110 bytes of memory per input byte (a 50.9 MB line: 5.8 GiB with the
+# tiny tokenizer, tests/bench/results/preprocess.md; the issue saw 8.8 GiB). 4 MiB is far beyond any sample of
+# max_length 8192 (at most ~100 bytes of JSON per token, with \uXXXX escapes): only a broken or hostile line meets it.
+DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024
+_READ_CHUNK = 1 << 20  # the rest of an over-long line is skipped in pieces of this size
+_BOM = "\ufeff"
 
 
 class BadLine(ValueError):
@@ -95,6 +105,8 @@ def parse_record(line: str, where: str) -> list[tuple[str, str]]:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise BadLine(where, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise BadLine(where, "JSON nested too deeply (expected an object with string fields input, output)") from None
     if not isinstance(record, dict):
         raise BadLine(where, f"expected a JSON object with input and output, got {type(record).__name__}")
     for key in ("input", "output"):
@@ -102,6 +114,12 @@ def parse_record(line: str, where: str) -> list[tuple[str, str]]:
             raise BadLine(where, f"missing field {key!r}")
         if not isinstance(record[key], str):
             raise BadLine(where, f"field {key!r} must be a string, got {type(record[key]).__name__}")
+        try:
+            record[key].encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON allows "\ud800" escapes that are no character at all
+            code = ord(record[key][exc.start])
+            reason = f"field {key!r} holds a lone surrogate \\u{code:04x} at character {exc.start} (not valid Unicode)"
+            raise BadLine(where, reason) from None
     if not record["output"].strip():
         raise BadLine(where, "field 'output' is empty")
     try:
@@ -189,9 +207,34 @@ def input_files(path: str | os.PathLike[str]) -> list[Path]:
     return [path]
 
 
-def read_lines(files: Sequence[Path], progress: bool = False) -> Iterator[tuple[str, str | None]]:
-    """(where, text) for every non-blank line, text None when it is not UTF-8; `where` is the line number,
-    prefixed by the file name when there are several files."""
+def _raw_lines(fh: BinaryIO, max_line_bytes: int) -> Iterator[tuple[bytes | int, int]]:
+    """(line bytes, bytes read) per line; for a line longer than max_line_bytes (newline not counted) its length
+    instead of its bytes, the line read and dropped piece by piece so memory stays bounded."""
+    while True:
+        raw = fh.readline(max_line_bytes + 1)
+        if not raw:
+            return
+        length = len(raw) - raw.endswith(b"\n")
+        if length <= max_line_bytes:
+            yield raw, len(raw)
+            continue
+        read = len(raw)
+        while not raw.endswith(b"\n"):
+            raw = fh.readline(_READ_CHUNK)
+            if not raw:
+                break
+            read += len(raw)
+            length += len(raw) - raw.endswith(b"\n")
+        yield length, read
+
+
+def read_lines(
+    files: Sequence[Path], progress: bool = False, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> Iterator[tuple[str, str | BadLine | None]]:
+    """(where, text) for every non-blank line, text None when it is not UTF-8 and a BadLine when it is longer
+    than max_line_bytes (it is never held in memory whole); `where` is the line number, prefixed by the file name
+    when there are several files. A UTF-8 byte order mark at the start of a line is dropped (files concatenated
+    from BOM-prefixed exports carry one on many lines)."""
     total = sum(f.stat().st_size for f in files)
     bar = None
     if progress:
@@ -201,12 +244,22 @@ def read_lines(files: Sequence[Path], progress: bool = False) -> Iterator[tuple[
     try:
         for file in files:
             with file.open("rb") as fh:
-                for number, raw in enumerate(fh, start=1):
+                for number, (raw, read) in enumerate(_raw_lines(fh, max_line_bytes), start=1):
                     if bar is not None:
-                        bar.update(len(raw))
+                        bar.update(read)
                     where = f"{file.name}:{number}" if len(files) > 1 else str(number)
+                    if isinstance(raw, int):
+                        yield (
+                            where,
+                            BadLine(
+                                where,
+                                f"line of {raw} bytes is longer than --max-line-bytes {max_line_bytes}; it was not "
+                                "parsed (raise --max-line-bytes to read it)",
+                            ),
+                        )
+                        continue
                     try:
-                        text = raw.decode("utf-8")
+                        text = raw.decode("utf-8").removeprefix(_BOM)
                     except UnicodeDecodeError:
                         yield where, None
                         continue
@@ -265,7 +318,7 @@ def _listing(items: Sequence[str]) -> str:
 
 def iter_samples(
     tokenizer: TeleChat2Tokenizer,
-    lines: Iterable[tuple[str, str | None]],
+    lines: Iterable[tuple[str, str | BadLine | None]],
     max_length: int,
     report: PreprocessReport,
     skip_bad_lines: bool = False,
@@ -296,6 +349,8 @@ def iter_samples(
         try:
             if text is None:
                 raise BadLine(where, "not valid UTF-8")
+            if isinstance(text, BadLine):
+                raise text
             chunk.append((where, parse_record(text, where)))
         except BadLine as bad:
             report.bad_lines.append(bad)
@@ -365,6 +420,7 @@ def preprocess(
     shuffle: bool = False,
     seed: int = 2024,
     progress: bool = False,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> PreprocessReport:
     """Run the whole conversion; raises PreprocessError (and writes nothing) on bad input."""
     from telechat2.tokenizer import TeleChat2Tokenizer
@@ -373,12 +429,17 @@ def preprocess(
         raise PreprocessError(f"--max_length must be at least 4, got {max_length}")
     if overlong not in OVERLONG_POLICIES:
         raise PreprocessError(f"--overlong must be one of {', '.join(OVERLONG_POLICIES)}, got {overlong!r}")
+    if max_line_bytes < 1:
+        raise PreprocessError(f"--max-line-bytes must be positive, got {max_line_bytes}")
     files = input_files(input_dataset_file)
-    tokenizer = TeleChat2Tokenizer(vocab_file_path)
+    try:
+        tokenizer = TeleChat2Tokenizer(vocab_file_path)
+    except ValueError as exc:  # not a sentencepiece model, or not TeleChat2's (a missing file stays FileNotFoundError)
+        raise PreprocessError(f"--vocab_file_path: {exc}") from None
     target = resolve_output(output_path)
     report = PreprocessReport(output_file=target, overlong_policy=overlong, row_length=max_length + 1)
     samples: Iterable[tuple[list[int], list[int]]] = iter_samples(
-        tokenizer, read_lines(files, progress), max_length, report, skip_bad_lines, overlong
+        tokenizer, read_lines(files, progress, max_line_bytes), max_length, report, skip_bad_lines, overlong
     )
     if shuffle:
         samples = list(samples)
@@ -422,6 +483,19 @@ def _check(report: PreprocessReport, skip_bad_lines: bool, overlong: str) -> Non
 # -- command line -------------------------------------------------------------------------------------------------
 
 
+def byte_size(text: str) -> int:
+    """'4194304', '8MiB', '50MB' -> bytes (for --max-line-bytes)."""
+    from telechat2.convert_reversed import parse_size
+
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("--max_shard_size ", "")) from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1 byte")
+    return size
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input_dataset_file", "--input-dataset-file", required=True, help="jsonl file (or a directory of them)"
@@ -444,16 +518,51 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skip-bad-lines", "--skip_bad_lines", action="store_true", help="report malformed lines instead of failing"
     )
+    parser.add_argument(
+        "--max-line-bytes",
+        "--max_line_bytes",
+        type=byte_size,
+        default=DEFAULT_MAX_LINE_BYTES,
+        help="refuse (as a malformed line) any line longer than this, before parsing it; accepts 8MiB, 50MB, ... "
+        f"(default {DEFAULT_MAX_LINE_BYTES // 2**20}MiB)",
+    )
     parser.add_argument("--shuffle", action="store_true", help="shuffle samples before packing (the seed does)")
     parser.add_argument("--seed", type=int, default=2024, help="shuffle seed")
     parser.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default: on a tty)"
     )
+    from telechat2.completion import add_completion_arguments
+
+    add_completion_arguments(parser)
+
+
+def preprocess_inputs(args: argparse.Namespace) -> dict:
+    """What the output depends on: the jsonl files, the tokenizer and every setting that changes the rows."""
+    from telechat2 import completion
+
+    files = [*input_files(args.input_dataset_file), Path(args.vocab_file_path)]
+    return completion.describe_inputs(
+        files,
+        command="preprocess",
+        max_length=args.max_length,
+        overlong=args.overlong,
+        skip_bad_lines=args.skip_bad_lines,
+        shuffle=args.shuffle,
+        seed=args.seed,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from telechat2 import completion
+
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    target = resolve_output(args.output_path)
     try:
+        inputs = preprocess_inputs(args)
+        if args.skip_if_complete and completion.is_complete(target, inputs):
+            print(f"{target} is complete for these inputs ({completion.marker_path(target)}): nothing to do")
+            return 0
+        completion.invalidate(target)
         report = preprocess(
             args.input_dataset_file,
             args.vocab_file_path,
@@ -464,9 +573,12 @@ def run(args: argparse.Namespace) -> int:
             shuffle=args.shuffle,
             seed=args.seed,
             progress=progress,
+            max_line_bytes=args.max_line_bytes,
         )
-    except (PreprocessError, FileNotFoundError, ValueError) as exc:
+        completion.write_marker(target, inputs, [target, Path(f"{target}.db")])
+    except (PreprocessError, OSError, ValueError) as exc:
         print(f"telechat2 preprocess: {exc}", file=sys.stderr)
+        completion.write_termination_message(args.termination_message_path, f"telechat2 preprocess: {exc}")
         return 1
     for bad in report.bad_lines:
         print(f"telechat2 preprocess: skipped {bad}", file=sys.stderr)

@@ -208,6 +208,137 @@ def estimate_memory(arch: TeleChat2Config, layout: Layout, device_bytes: int = D
     return max(candidates, key=lambda estimate: estimate.total)
 
 
+# -- planning -----------------------------------------------------------------------------------------------------
+
+# A planned layout must leave this share of the device free: the estimate leaves out communication buffers,
+# workspace and fragmentation (see the module docstring). A layout given in full, or the model's own default, is
+# only required to fit the device.
+PLAN_FIT_FRACTION = 0.9
+LAYOUT_SOURCES = ("Spec", "ModelDefault", "Planned")
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    """The layout chosen for a device count, its memory estimate, and where it came from (LAYOUT_SOURCES)."""
+
+    layout: Layout
+    memory: MemoryEstimate
+    source: str
+
+
+def model_parallel_limit(arch: TeleChat2Config) -> int:
+    """The largest model_parallel the architecture can split: every valid degree divides this number."""
+    return math.gcd(arch.num_heads, arch.n_kv_heads, arch.intermediate_size, arch.vocab_size)
+
+
+def layout_problems(arch: TeleChat2Config, layout: Layout) -> list[str]:
+    """Why the architecture cannot take the layout (empty when it can); each problem names the MindFormers key."""
+    problems = []
+    mp, pp = layout.model_parallel, layout.pipeline_stage
+    for what, size in (
+        ("num_heads", arch.num_heads),
+        ("n_kv_heads", arch.n_kv_heads),
+        ("intermediate_size", arch.intermediate_size),
+        ("vocab_size", arch.vocab_size),
+    ):
+        if size % mp:
+            problems.append(f"model_parallel {mp} does not divide {what} {size}")
+    if pp > arch.num_layers:
+        problems.append(f"pipeline_stage {pp} exceeds num_layers {arch.num_layers}")
+    if pp > 1 and layout.micro_batch_num < pp:
+        problems.append(f"micro_batch_num {layout.micro_batch_num} must be >= pipeline_stage {pp}")
+    ep = layout.expert_parallel
+    if ep > 1 and (not arch.is_moe or arch.num_experts % ep or layout.data_parallel % ep):
+        problems.append(f"expert_parallel {ep} must divide num_experts {arch.num_experts} and data_parallel")
+    return problems
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _completed(base: Layout, arch: TeleChat2Config, dp: int, mp: int, pp: int, micro: int | None) -> Layout:
+    """`base` with the three degrees set: micro-batches at least the stages, experts split as far as dp allows."""
+    if micro is None:
+        micro = max(base.micro_batch_num, pp) if pp > 1 else 1
+    expert = math.gcd(base.expert_parallel, dp) if arch.is_moe else 1
+    return dataclasses.replace(
+        base, data_parallel=dp, model_parallel=mp, pipeline_stage=pp, micro_batch_num=micro, expert_parallel=expert
+    )
+
+
+def plan_layout(
+    arch: TeleChat2Config,
+    base: Layout,
+    devices: int,
+    devices_per_node: int,
+    fixed: Mapping[str, int] | None = None,
+    device_bytes: int = DEVICE_MEMORY_BYTES,
+) -> LayoutPlan:
+    """Complete a partial layout for `devices` NPUs so that it fits device memory.
+
+    `base` is the model's default layout (its finetune config, with the run's seq_length and batch_size); `fixed`
+    holds the degrees the user set (data_parallel, model_parallel, pipeline_stage, micro_batch_num). With all three
+    degrees fixed the layout is the user's (source Spec, estimated, never replaced). Otherwise the model's default
+    completed by the fixed degrees is kept when it has the right device count, suits the architecture and fits
+    (ModelDefault); failing that, every split dp x mp x pp = devices with model_parallel within one node and the
+    fixed degrees kept is estimated, and the least-sharded one that fits with PLAN_FIT_FRACTION headroom wins
+    (fewest mp x pp, then fewest pipeline stages: data parallelism is the cheapest to communicate). ConfigError
+    (the message says why and what to change) when nothing fits.
+    """
+    fixed = dict(fixed or {})
+    unknown = sorted(set(fixed) - {"data_parallel", "model_parallel", "pipeline_stage", "micro_batch_num"})
+    if unknown:
+        raise configs.ConfigError(f"unknown layout key(s) {', '.join(unknown)}")
+    degrees = ("data_parallel", "model_parallel", "pipeline_stage")
+    micro = fixed.get("micro_batch_num")
+    if all(key in fixed for key in degrees):
+        layout = _completed(base, arch, *(fixed[key] for key in degrees), micro)
+        return LayoutPlan(layout, estimate_memory(arch, layout, device_bytes), "Spec")
+    default = _completed(base, arch, *(fixed.get(key, getattr(base, key)) for key in degrees), micro)
+    if default.devices == devices and not layout_problems(arch, default):
+        memory = estimate_memory(arch, default, device_bytes)
+        if memory.fits:
+            return LayoutPlan(default, memory, "ModelDefault")
+    candidates: list[tuple[Layout, MemoryEstimate]] = []
+    for mp in _divisors(math.gcd(devices, model_parallel_limit(arch), max(devices_per_node, 1))):
+        if fixed.get("model_parallel", mp) != mp:
+            continue
+        for pp in _divisors(devices // mp):
+            dp = devices // (mp * pp)
+            if pp > arch.num_layers or fixed.get("pipeline_stage", pp) != pp or fixed.get("data_parallel", dp) != dp:
+                continue
+            layout = _completed(base, arch, dp, mp, pp, micro)
+            if not layout_problems(arch, layout):
+                candidates.append((layout, estimate_memory(arch, layout, device_bytes)))
+    given = ", ".join(f"{key} {value}" for key, value in sorted(fixed.items())) or "no degree fixed"
+    if not candidates:
+        raise configs.ConfigError(
+            f"no dp x mp x pp split of {devices} device(s) suits the model ({given}; model_parallel must divide "
+            f"{model_parallel_limit(arch)} and fit one node of {devices_per_node}, pipeline_stage at most "
+            f"{arch.num_layers})"
+        )
+    candidates.sort(key=lambda c: (c[0].model_parallel * c[0].pipeline_stage, c[0].pipeline_stage))
+    for fraction in (PLAN_FIT_FRACTION, 1.0):
+        for layout, memory in candidates:
+            if memory.total <= fraction * device_bytes:
+                return LayoutPlan(layout, memory, "Planned")
+    smallest_layout, smallest = min(candidates, key=lambda c: c[1].total)
+    raise configs.ConfigError(
+        f"no layout of {devices} device(s) fits {device_bytes / GIB:.0f} GiB per NPU ({given}): the smallest "
+        f"estimate is {smallest.total / GIB:.1f} GiB with dp {smallest_layout.data_parallel} x mp "
+        f"{smallest_layout.model_parallel} x pp {smallest_layout.pipeline_stage}; add nodes, shorten seqLength or "
+        "lower batchSize"
+    )
+
+
+def base_layout(model: str, seq_length: int | None = None, batch_size: int | None = None) -> Layout:
+    """The model's default finetune layout, with a run's sequence length and batch size when given."""
+    layout = layout_from_config(configs.load_config(model, "finetune"))
+    changes = {k: v for k, v in (("seq_length", seq_length), ("batch_size", batch_size)) if v is not None}
+    return dataclasses.replace(layout, **changes)
+
+
 # -- report -------------------------------------------------------------------------------------------------------
 
 

@@ -17,8 +17,16 @@ shapes, dtypes, and bit-identical model weights) and rank 0's checkpoint is take
 
 Output: `dst_ckpt_dir/rank_0/{prefix}0.ckpt`, MindSpore's layout for a merged checkpoint, so
 `load_checkpoint: dst_ckpt_dir` and `auto_trans_ckpt` find it. Before it is reported, the result is verified (every
-parameter the strategy or the shards name, at full shape, finite values). Everything is built in a temporary
-directory beside the destination and renamed into place only after verification; the sources are only read.
+parameter the strategy or the shards name, at full shape, finite values).
+
+Shard integrity: before any shard is read, each is checked against its sha256 sidecar (`X.ckpt.sha256`, written by
+`telechat2 finetune`, see `telechat2.manifest`); a mismatch fails naming the file. A shard without a sidecar is
+reported as a warning and, where other ranks hold replicas of the same data (data-parallel copies, or ranks the
+strategy gives the same slice), its bytes are compared with theirs, so a flipped byte inside a tensor is still
+caught there.
+
+Everything is built in a temporary directory beside the destination and renamed into place only after
+verification; the sources are only read (a failed merge, a checksum mismatch included, leaves them untouched).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from telechat2.checkpoint_io import CheckpointError, CkptReader, CkptWriter
+from telechat2.manifest import verify_checkpoint
 
 CKPT_STEP = re.compile(r"-(\d+)_(\d+)(?:_breakpoint)?\.ckpt$")
 MODEL_PREFIXES = ("model.", "lm_head.")
@@ -58,6 +67,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--dst_ckpt_dir", "--dst-ckpt-dir", required=True, help="new directory for rank_0/{prefix}0.ckpt"
     )
     parser.add_argument("--prefix", default="checkpoint_", help="name of the merged file: {prefix}0.ckpt")
+    parser.add_argument(
+        "--vocab_file",
+        "--vocab-file",
+        help="tokenizer.model to copy beside the merged checkpoint (dst/rank_0/tokenizer.model), so serving finds "
+        "it there by default; a missing file is reported and skipped (the tokenizer is not needed to merge)",
+    )
     parser.add_argument(
         "--engine",
         choices=ENGINES,
@@ -250,6 +265,65 @@ def check_unsharded_agree(layouts: dict[str, list[ParamLayout]], readers: dict[i
         )
 
 
+# --- shard integrity ----------------------------------------------------------------------------------------------
+
+
+def verify_shard_checksums(chosen: dict[int, Path]) -> dict[int, bool]:
+    """Check every chosen shard against its sha256 sidecar before anything reads it: rank -> verified (False: no
+    sidecar). A mismatch raises CheckpointError naming the file."""
+    return {rank: verify_checkpoint(path) for rank, path in sorted(chosen.items())}
+
+
+def unverified_warning(verified: dict[int, bool]) -> str | None:
+    missing = [f"rank_{r}" for r, ok in sorted(verified.items()) if not ok]
+    if not missing:
+        return None
+    return (
+        f"no checksum manifest (.ckpt.sha256) for {', '.join(missing)}: a corrupted byte in those shards is caught "
+        "only where another rank holds a replica of the same data"
+    )
+
+
+def replica_groups(layout: ParamLayout, ranks: range) -> list[list[int]]:
+    """Ranks of a stage grouped by the slice of the parameter they hold: ranks whose device-matrix coordinates
+    differ only on axes the tensor map does not use hold identical bytes (data-parallel replicas)."""
+    matrix = layout.device_matrix
+    used = sorted({axis for m in layout.raw.tensor_map for axis in m.dim if axis != -1})
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for rank in ranks:
+        coords = np.unravel_index(rank - ranks.start, matrix)  # ranks fill the device matrix in row-major order
+        groups.setdefault(tuple(int(coords[len(matrix) - 1 - axis]) for axis in used), []).append(rank)
+    return list(groups.values())
+
+
+def check_sharded_replicas_agree(
+    layouts: dict[str, list[ParamLayout]], readers: dict[int, CkptReader], verified: dict[int, bool]
+) -> int:
+    """Where a shard has no checksum manifest, compare its slices with the ranks that hold the same slice (the
+    strategy says which); a difference means one of them is corrupt. Returns how many tensors were compared."""
+    stage_ranks = ranks_of_stages(layouts)
+    compared = 0
+    for name, stage_layouts in layouts.items():
+        for layout in stage_layouts:
+            if layout.raw.opt_weight_shard_size > 1:  # the parallel optimizer gives each replica its own piece
+                continue
+            for group in replica_groups(layout, stage_ranks[layout.stage]):
+                if len(group) < 2 or all(verified.get(r, False) for r in group):
+                    continue
+                reference = next((r for r in group if verified.get(r, False)), group[0])
+                for rank in group:
+                    if rank == reference:
+                        continue
+                    compared += 1
+                    if not same_bits(readers[reference], readers[rank], name):
+                        raise CheckpointError(
+                            f"{name} differs between rank_{reference} ({readers[reference].path}) and rank_{rank} "
+                            f"({readers[rank].path}), which hold the same slice under the strategy: one of the "
+                            "shards is corrupt (there is no checksum manifest to tell which)"
+                        )
+    return compared
+
+
 # --- merging ------------------------------------------------------------------------------------------------------
 
 
@@ -297,7 +371,8 @@ def check_replicas_agree(readers: dict[int, CkptReader]) -> None:
             if name.startswith(MODEL_PREFIXES) and not same_bits(base, other, name):
                 raise CheckpointError(
                     f"{name} differs between rank_0 and rank_{rank}: data-parallel replicas should be identical "
-                    "(was the run sharded? then pass --src_ckpt_strategy)"
+                    "(was the run sharded? then pass --src_ckpt_strategy; otherwise one of the two files is "
+                    "corrupt)"
                 )
 
 
@@ -378,6 +453,8 @@ def merge(
     if not prefix or "/" in prefix:
         raise CheckpointError(f"--prefix {prefix!r} must be a non-empty file name prefix")
     chosen = choose_checkpoints(rank_checkpoints(src))
+    verified = verify_shard_checksums(chosen)  # before reading anything: a mismatch names the file
+    warnings = [w for w in [unverified_warning(verified)] if w]
     readers = {rank: CkptReader(path) for rank, path in sorted(chosen.items())}  # names a corrupt file
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
@@ -414,6 +491,9 @@ def merge(
                     ms.transform_checkpoints(str(view), str(out), prefix, str(merged_strategy), None)
                 except Exception as err:
                     raise CheckpointError(f"mindspore.transform_checkpoints failed: {err}") from err
+            # After the merge, not before: many small reads ahead of the large per-parameter arrays left glibc's heap
+            # ~90 MB higher at the peak (measured); the merged file is only in the work directory so far.
+            check_sharded_replicas_agree(layouts, readers, verified)
             stages = len({p.stage for v in layouts.values() for p in v})
             how = "merge_sliced_parameter, streamed" if use_stream else "transform_checkpoints"
             mode = f"sharded ({len(readers)} ranks, {stages} stage(s), {how})"
@@ -433,8 +513,27 @@ def merge(
         "tensors": tensors,
         "bytes": final.stat().st_size,
         "sources": {rank: str(path) for rank, path in chosen.items()},
+        "checksums_verified": sum(verified.values()),
+        "warnings": warnings,
         "seconds": round(time.monotonic() - started, 3),
     }
+
+
+TOKENIZER_NAME = "tokenizer.model"
+
+
+def copy_tokenizer(vocab_file: Path, merged_dir: Path) -> Path | None:
+    """Copy the tokenizer beside the merged checkpoint (through a temporary name: never half a file). A TeleChat
+    inference of the merged checkpoint looks for `tokenizer.model` there unless told otherwise."""
+    if not vocab_file.is_file():
+        print(f"telechat2 merge: warning: --vocab_file {vocab_file} not found; no tokenizer copied", file=sys.stderr)
+        return None
+    target = merged_dir / TOKENIZER_NAME
+    partial = merged_dir / f".{TOKENIZER_NAME}.partial"
+    shutil.copyfile(vocab_file, partial)
+    os.replace(partial, target)
+    print(f"copied the tokenizer {vocab_file} to {target}")
+    return target
 
 
 def run(args: argparse.Namespace) -> int:
@@ -443,9 +542,15 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         print(f"telechat2 merge: error: {err}", file=sys.stderr)
         return 1
+    for warning in summary["warnings"]:
+        print(f"telechat2 merge: warning: {warning}", file=sys.stderr)
+    if args.vocab_file:
+        copy_tokenizer(Path(args.vocab_file), Path(summary["path"]).parent)
     sources = ", ".join(f"rank_{r}: {Path(p).name}" for r, p in sorted(summary["sources"].items()))
+    checksums = f"{summary['checksums_verified']} of {len(summary['sources'])} shards matched their sha256 manifests"
     print(
         f"merged {summary['mode']} into {summary['path']}: {summary['tensors']} tensors, "
-        f"{summary['bytes'] / 1e9:.3f} GB, verified (full shapes, finite) in {summary['seconds']} s; sources {sources}"
+        f"{summary['bytes'] / 1e9:.3f} GB, verified (full shapes, finite) in {summary['seconds']} s; {checksums}; "
+        f"sources {sources}"
     )
     return 0

@@ -15,6 +15,7 @@ caches that `telechat2.generation` uses after the prompt.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import mindspore as ms
 import numpy as np
@@ -38,33 +39,77 @@ def _dtype(name: str) -> ms.dtype:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Rotary position embedding and dynamic NTK: pure numpy helpers, computed once per model.
+# Rotary position embedding and dynamic NTK: pure numpy helpers.
+#
+# The official TeleChat2 model (Tele-AI/TeleChat2 modeling_telechat*.py, `RotaryEmbedding.forward`) recomputes the
+# rotary table on every forward pass from the current total length L (cached + new tokens), floored at
+# training_seqlen, and always (its NTK branch is `if True:`). So a sequence's rotary depends on its own length, not
+# on the deployment's seq_length, and in decoding each new token is rotated with the alpha and mscale of the length
+# reached so far (cached keys keep the rotation they were computed with).
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def dynamic_ntk_base_and_mscale(seq_len: int, config: TeleChat2Config) -> tuple[float, float]:
-    """Rotary base and cos/sin scale for sequences up to `seq_len` (facts file, section 8).
+def dynamic_ntk_alpha(seq_len: int, config: TeleChat2Config) -> int:
+    """NTK alpha for a sequence of `seq_len` tokens: max(2^ceil(log2(L / base_seqlen) + 1) - 1, 1).
 
-    L = max(seq_len, training_seqlen); alpha = max(2^ceil(log2(L / base_seqlen) + 1) - 1, 1);
-    base' = base * alpha^(D / (D - 2)); mscale = 1 + 0.1 * ln(L / training_seqlen) past the trained length, else 1.
-    Without `extend_method: DYNAMIC_NTK` the plain base and scale 1 are returned.
+    L = max(seq_len, training_seqlen); base_seqlen is `max_position_embedding`. `math.log(x, 2)`, as the official
+    code writes it (it differs from `math.log2` in the last bit for some x, which can move a ceil).
     """
-    if config.extend_method != "DYNAMIC_NTK":
-        return float(config.rope_theta), 1.0
     length = max(seq_len, config.training_seqlen)
-    alpha = max(2 ** math.ceil(math.log2(length / config.max_position_embedding) + 1) - 1, 1)
+    return max(2 ** math.ceil(math.log(length / config.max_position_embedding, 2) + 1) - 1, 1)
+
+
+def dynamic_ntk_base_and_mscale(seq_len: int, config: TeleChat2Config) -> tuple[float, float]:
+    """Rotary base and cos/sin scale for a sequence whose current total length is `seq_len` (facts file, section 8).
+
+    base' = rope_theta * alpha^(D / (D - 2)); mscale = 1 + 0.1 * ln(L / training_seqlen) past the trained length,
+    else 1. Always on, as in the official model, whatever `extend_method` says (within training_seqlen and with
+    base_seqlen = training_seqlen this is plain RoPE).
+    """
+    length = max(seq_len, config.training_seqlen)
+    alpha = dynamic_ntk_alpha(seq_len, config)
     dim = config.head_dim
     base = config.rope_theta * alpha ** (dim / (dim - 2))
-    mscale = 1.0 + 0.1 * math.log(length / config.training_seqlen) if length > config.training_seqlen else 1.0
+    scale = length / config.training_seqlen
+    mscale = 1.0 + 0.1 * math.log(scale) if scale > 1 else 1.0
     return float(base), float(mscale)
 
 
-def rotary_cos_sin(seq_len: int, head_dim: int, base: float, mscale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin tables [seq_len, head_dim] for GPT-NeoX rotate-half RoPE: angles are cat(freqs, freqs)."""
+def rotary_cos_sin(
+    seq_len: int, head_dim: int, base: float, mscale: float = 1.0, start: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [seq_len - start, head_dim] of positions start..seq_len-1 for GPT-NeoX rotate-half RoPE: angles
+    are cat(freqs, freqs)."""
     inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [D/2]
-    freqs = np.outer(np.arange(seq_len, dtype=np.float64), inv_freq)  # [seq_len, D/2]
-    angles = np.concatenate([freqs, freqs], axis=-1)  # [seq_len, D]
+    freqs = np.outer(np.arange(start, seq_len, dtype=np.float64), inv_freq)  # [S, D/2]
+    angles = np.concatenate([freqs, freqs], axis=-1)  # [S, D]
     return (np.cos(angles) * mscale).astype(np.float32), (np.sin(angles) * mscale).astype(np.float32)
+
+
+def sequence_rotary(start_pos: int, total_length: int, config: TeleChat2Config) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [total_length - start_pos, D] for the new tokens of a sequence now `total_length` long (official)."""
+    base, mscale = dynamic_ntk_base_and_mscale(total_length, config)
+    return rotary_cos_sin(total_length, config.head_dim, base, mscale, start=start_pos)
+
+
+@ms.constexpr
+def _rotary_constant(
+    start_pos: int, key_len: int, head_dim: int, rope_theta: float, training_seqlen: int, base_seqlen: int
+) -> Tensor:
+    """`sequence_rotary` as one float32 tensor [2 (cos, sin), S, D]; a compile-time constant in graph mode (the
+    lengths are static there), plain numpy in PyNative."""
+    config = SimpleNamespace(
+        head_dim=head_dim, rope_theta=rope_theta, training_seqlen=training_seqlen, max_position_embedding=base_seqlen
+    )
+    return Tensor(np.stack(sequence_rotary(start_pos, key_len, config)))
+
+
+def decode_rotary(positions: np.ndarray, config: TeleChat2Config) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [B, D] for one decoding step of B sequences, row b being the token at positions[b] (its sequence is
+    then positions[b] + 1 long, which sets that row's alpha and mscale). For batched decoders."""
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+    rows = [sequence_rotary(int(p), int(p) + 1, config) for p in positions]
+    return np.concatenate([c for c, _ in rows]), np.concatenate([s for _, s in rows])
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -366,11 +411,34 @@ def load_balancing_loss(router_probs: Tensor, expert_mask: Tensor) -> Tensor:
     return num_experts * (choices * mean_probs).sum()
 
 
+def expert_capacity(tokens: int, top_k: int, capacity_factor: float, num_experts: int) -> int:
+    """Choices one expert takes per forward pass: min(ceil(k * tokens * capacity_factor / E), tokens), as
+    MindFormers' `calculate_expert_capacity_v2` (without model-parallel rounding)."""
+    return min(math.ceil(top_k * tokens * capacity_factor / num_experts), tokens)
+
+
+_expert_capacity = ms.constexpr(expert_capacity)  # shapes are static in graph mode: a compile-time int
+
+
+def capacity_keep_mask(top_experts: Tensor, num_experts: int, capacity: int) -> Tensor:
+    """float32 [M, k], 1 where token m's choice j fits within its expert's capacity (MindFormers TopkRouterV2 with
+    enable_sdrop False, "kdrop"): every token's first choice is served before any second choice, and within one
+    round earlier tokens first; an expert takes its first `capacity` choices in that order, the rest are dropped."""
+    tokens, top_k = top_experts.shape
+    order = top_experts.T.reshape(-1)  # [k*M], choice-major
+    chosen = ops.one_hot(order, num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))  # [kM, E]
+    position = (ops.cumsum(chosen, axis=0) * chosen).sum(axis=-1)  # 1-based place in its expert's queue
+    return (position <= capacity).astype(ms.float32).reshape(top_k, tokens).T
+
+
 class TeleChat2MoE(nn.Cell):
     """Top-k mixture of experts (39B-A12B: 16 experts, top 4, no shared expert).
 
     Scores = softmax(router(x)) in float32; each token keeps its top-k experts, their weights renormalised to sum
-    to 1 (norm_topk_prob). Dense dispatch: no token is dropped, so `capacity_factor` does not apply on this path.
+    to 1 (norm_topk_prob). In training (`set_train(True)`), with capacity_factor > 0, choices over an expert's
+    capacity are dropped as MindFormers' TopkRouterV2 does (`capacity_keep_mask`; the kept weights are not
+    renormalised, a token that loses every choice passes through the residual only); inference drops nothing.
+    Dense dispatch: every expert runs on every token and the combine weights select, so dropping is exact.
     """
 
     def __init__(self, config: TeleChat2Config) -> None:
@@ -378,6 +446,7 @@ class TeleChat2MoE(nn.Cell):
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
+        self.capacity_factor = config.capacity_factor
         self.router = TeleChat2Router(config)
         self.ffn = TeleChat2Experts(config)
 
@@ -390,7 +459,11 @@ class TeleChat2MoE(nn.Cell):
         if self.norm_topk_prob:
             top_probs = top_probs / top_probs.sum(axis=-1, keepdims=True)
         chosen = ops.one_hot(top_experts, self.num_experts, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
-        combine = (chosen * top_probs.expand_dims(-1)).sum(axis=1)  # [M, E], zero outside the top-k
+        weights = top_probs
+        if self.training and self.capacity_factor > 0:
+            capacity = _expert_capacity(batch * length, self.top_k, self.capacity_factor, self.num_experts)
+            weights = top_probs * capacity_keep_mask(top_experts, self.num_experts, capacity)
+        combine = (chosen * weights.expand_dims(-1)).sum(axis=1)  # [M, E], zero outside the (kept) top-k
         expert_out = self.ffn(tokens)  # [E, M, H]
         out = (expert_out.astype(ms.float32) * combine.T.expand_dims(-1)).sum(axis=0)  # [M, H]
         aux_loss = load_balancing_loss(probs, chosen.sum(axis=1))
@@ -448,18 +521,37 @@ class TeleChat2DecoderLayer(nn.Cell):
 
 
 class TeleChat2Model(nn.Cell):
-    """Embedding, decoder layers, final norm. Rotary tables cover `seq_length` positions (dynamic NTK applied)."""
+    """Embedding, decoder layers, final norm; rotary from each sequence's current length (official dynamic NTK).
+
+    `rope_cos`/`rope_sin` [seq_length, D] hold the table of every sequence of up to training_seqlen tokens (alpha
+    and mscale do not change there); a longer sequence gets its own from `sequence_rotary` (`rotary`).
+    """
 
     def __init__(self, config: TeleChat2Config) -> None:
         super().__init__()
         self.tok_embeddings = TeleChat2Embedding(config)
         self.layers = nn.CellList([TeleChat2DecoderLayer(config) for _ in range(config.num_layers)])
         self.norm_out = TeleChat2RMSNorm(config.hidden_size, config)
-        base, mscale = dynamic_ntk_base_and_mscale(config.seq_length, config)
+        self._init_rotary(config)
+
+    def _init_rotary(self, config: TeleChat2Config) -> None:
+        """The table shared by every sequence of up to training_seqlen tokens, and what longer ones need."""
+        base, mscale = dynamic_ntk_base_and_mscale(0, config)  # any length up to training_seqlen
         cos, sin = rotary_cos_sin(config.seq_length, config.head_dim, base, mscale)
         compute_dtype = _dtype(config.compute_dtype)
         self.rope_cos = Tensor(cos, compute_dtype)  # [seq_length, D], a constant, not a parameter
         self.rope_sin = Tensor(sin, compute_dtype)
+        self.training_seqlen = config.training_seqlen
+        # what the official rotary depends on, as constants (graph mode)
+        theta, base_seqlen = float(config.rope_theta), config.max_position_embedding
+        self.rotary_key = (config.head_dim, theta, self.training_seqlen, base_seqlen)
+
+    def rotary(self, start_pos: int, key_len: int) -> tuple[Tensor, Tensor]:
+        """cos/sin [key_len - start_pos, D] for the new tokens of a sequence that is now key_len tokens long."""
+        if key_len <= self.training_seqlen:
+            return self.rope_cos[start_pos:key_len], self.rope_sin[start_pos:key_len]
+        table = _rotary_constant(start_pos, key_len, *self.rotary_key).astype(self.rope_cos.dtype)  # [2, S, D]
+        return table[0], table[1]
 
     def construct(
         self,
@@ -475,8 +567,7 @@ class TeleChat2Model(nn.Cell):
         length = input_ids.shape[1]
         key_len = start_pos + length
         x = self.tok_embeddings(input_ids)
-        cos = self.rope_cos[start_pos:key_len]
-        sin = self.rope_sin[start_pos:key_len]
+        cos, sin = self.rotary(start_pos, key_len)
         mask = None  # one new token sees every cached one: nothing to hide
         if length > 1:
             mask = causal_mask(length, key_len, start_pos).reshape(1, 1, length, key_len)
@@ -607,20 +698,31 @@ class TeleChat2StaticCacheDecoder(nn.Cell):
         self, token_id: int, position: int, keys: tuple[Tensor, ...], values: tuple[Tensor, ...]
     ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
         """Decode `token_id` at `position` for a batch of one; the caches are marked mutable so the step compiles
-        once (a plain tuple of tensors would be a constant, recompiled whenever its values change)."""
+        once (a plain tuple of tensors would be a constant, recompiled whenever its values change).
+
+        The token's rotary row comes in as a tensor, computed for the sequence's new length position + 1 (official
+        dynamic NTK: alpha and mscale may change from one step to the next), so one compiled step serves every length.
+        """
         token = Tensor([[token_id]], ms.int32)
-        return self(token, Tensor(position, ms.int32), ms.mutable(keys), ms.mutable(values))
+        cos, sin = decode_rotary(np.asarray([position]), self.lm.architecture)
+        dtype = self.lm.model.rope_cos.dtype
+        rotary = Tensor(cos, dtype), Tensor(sin, dtype)
+        return self(token, Tensor(position, ms.int32), *rotary, ms.mutable(keys), ms.mutable(values))
 
     @ms.jit
     def construct(
-        self, token: Tensor, position: Tensor, keys: tuple[Tensor, ...], values: tuple[Tensor, ...]
+        self,
+        token: Tensor,
+        position: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        keys: tuple[Tensor, ...],
+        values: tuple[Tensor, ...],
     ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
-        """token [B, 1] at `position` (int32 scalar tensor) -> (float32 logits [B, 1, V], keys, values)."""
+        """token [B, 1] at `position` (int32 scalar tensor), its rotary cos/sin [1, D] -> (float32 logits [B, 1, V],
+        keys, values)."""
         model = self.lm.model
         x = model.tok_embeddings(token)
-        where = position.reshape(1)
-        cos = ops.gather(model.rope_cos, where, 0)  # [1, D]
-        sin = ops.gather(model.rope_sin, where, 0)
         key_pos = ops.arange(self.max_length, dtype=ms.int32)
         slot = (key_pos == position).astype(x.dtype).reshape(1, 1, self.max_length, 1)
         hidden_keys = (key_pos > position).reshape(1, 1, 1, self.max_length)

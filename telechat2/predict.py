@@ -174,7 +174,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     _add(parser, "vocab_file", help="sentencepiece tokenizer.model (default: processor.tokenizer.vocab_file)")
     _add(parser, "predict_data", action="append", help="raw prompt, e.g. '<_start><_user>hi<_bot>'; repeatable")
     _add(parser, "interactive", action="store_true", help="chat: read questions from stdin, keep the history")
-    _add(parser, "system", help="system prompt for --interactive")
+    _add(parser, "system", help="system prompt for --interactive (default: TeleChat2's official one)")
+    _add(
+        parser,
+        "no_default_system",
+        action="store_true",
+        help="--interactive without a system prompt when --system is not given",
+    )
     _add(parser, "seq_length", type=int, help="longest sequence (prompt + answer); default from the config")
     _add(parser, "max_new_tokens", type=int, help="default 4096 (bounded by seq_length)")
     _add(parser, "do_sample", type=_bool, nargs="?", const=True, help="sample instead of greedy (default false)")
@@ -244,9 +250,20 @@ def _stream_text(tokenizer, tokens: Iterator[int], out: TextIO) -> str:
     return text
 
 
-def chat_loop(model, tokenizer, config: GenerationConfig, system: str | None, lines: TextIO, out: TextIO) -> int:
-    """Interactive chat: one question per line; `/reset` forgets the history; `exit`, `quit` or EOF end it."""
-    from telechat2.chat import chat_input_ids
+def chat_loop(
+    model,
+    tokenizer,
+    config: GenerationConfig,
+    system: str | None,
+    lines: TextIO,
+    out: TextIO,
+    default_system: bool = True,
+) -> int:
+    """Interactive chat: one question per line; `/reset` forgets the history; `exit`, `quit` or EOF end it.
+
+    Without `system`, the official default system prompt is used unless `default_system` is False.
+    """
+    from telechat2.chat import DEFAULT_SYSTEM_PROMPT, chat_input_ids
     from telechat2.generation import stream_generate
 
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
@@ -265,7 +282,8 @@ def chat_loop(model, tokenizer, config: GenerationConfig, system: str | None, li
             messages = messages[:1] if system else []
             continue
         messages.append({"role": "user", "content": question})
-        ids = chat_input_ids(tokenizer, messages, max_input_tokens=budget)
+        default = DEFAULT_SYSTEM_PROMPT if default_system else None
+        ids = chat_input_ids(tokenizer, messages, max_input_tokens=budget, default_system=default)
         out.write("bot> ")
         answer = _stream_text(tokenizer, stream_generate(model, ids, config), out)
         messages.append({"role": "assistant", "content": answer})
@@ -313,7 +331,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"predict: {exc}", file=sys.stderr)
         return 2
     if args.interactive:
-        return chat_loop(model, tokenizer, gen_config, args.system, sys.stdin, sys.stdout)
+        return chat_loop(
+            model, tokenizer, gen_config, args.system, sys.stdin, sys.stdout, default_system=not args.no_default_system
+        )
     out = sys.stdout if group.rank == 0 else open(os.devnull, "w")  # noqa: SIM115 (closed at exit)
     for prompt in args.predict_data:
         ids = tokenizer.encode(prompt)

@@ -58,9 +58,7 @@ from telechat2.modeling import (
     TeleChat2RMSNorm,
     TeleChat2Router,
     _dtype,
-    dynamic_ntk_base_and_mscale,
     load_balancing_loss,
-    rotary_cos_sin,
 )
 
 
@@ -394,11 +392,7 @@ class TensorParallelModel(TeleChat2Model):
         self.tok_embeddings = VocabParallelEmbedding(config, tp) if split_vocab else TeleChat2Embedding(config)
         self.layers = nn.CellList([TensorParallelDecoderLayer(config, tp) for _ in range(config.num_layers)])
         self.norm_out = TeleChat2RMSNorm(config.hidden_size, config)
-        base, mscale = dynamic_ntk_base_and_mscale(config.seq_length, config)
-        cos, sin = rotary_cos_sin(config.seq_length, config.head_dim, base, mscale)
-        compute_dtype = _dtype(config.compute_dtype)
-        self.rope_cos = Tensor(cos, compute_dtype)
-        self.rope_sin = Tensor(sin, compute_dtype)
+        self._init_rotary(config)  # per-length dynamic NTK, as the single-device model
 
 
 class TensorParallelForCausalLM(TeleChat2ForCausalLM):

@@ -87,7 +87,13 @@ class TeleChat2Tokenizer:
         self.vocab_file = str(vocab_file)
         if not Path(self.vocab_file).is_file():
             raise FileNotFoundError(f"tokenizer vocab_file not found: {self.vocab_file}")
-        self.sp = spm.SentencePieceProcessor(model_file=self.vocab_file)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=self.vocab_file)
+        except RuntimeError as err:  # sentencepiece: "Internal: could not parse ModelProto from ..."
+            raise ValueError(
+                f"{self.vocab_file} is not a sentencepiece tokenizer.model ({err}); TeleChat2 needs the "
+                "tokenizer.model file of its release, not a vocab.json / tokenizer.json"
+            ) from None
         self._check_fixed_ids()
         specials = {
             i: self.sp.id_to_piece(i)

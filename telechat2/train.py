@@ -9,6 +9,10 @@ per-rank checkpoints under `output_dir/checkpoint/rank_N/` and, for semi-auto pa
 1) are split by `telechat2.parallel.apply_parallel_plan`, which the registered model applies when the Trainer builds
 it (`telechat2.register`); data-parallel runs, CPU included, leave the model as built.
 
+Every saved checkpoint gets a sha256 sidecar (`X.ckpt.sha256`, `telechat2.manifest`): a callback after the
+CheckpointMonitor hashes each new file, and a sweep after training catches any left over; `telechat2 merge`
+verifies the shards against them.
+
 `--resume` (or `resume_training: True` in the YAML) continues from the newest complete checkpoint under
 `output_dir/checkpoint` (MindFormers' meta.json records it, per rank), restoring the optimizer state and the step
 counter; when no rank has saved anything yet it says so and starts from `load_checkpoint`, so a pod can always
@@ -31,6 +35,8 @@ import os
 import re
 import sys
 from pathlib import Path
+
+from telechat2.manifest import manifest_callback, write_missing_manifests
 
 # MindFormers' MFLossMonitor: "{ Epoch:[  3/  3], step:[    2/   16], loss:[4.473785/4.48], ..."
 MF_LOSS_LINE = re.compile(r"Epoch:\[\s*(\d+)/\s*\d+\], step:\[\s*(\d+)/\s*(\d+)\], loss:\s*\[?\s*([-+0-9.eE]+|nan|inf)")
@@ -220,11 +226,19 @@ def finetune(config) -> None:
     if str(config.context.device_target).upper() == "CPU":
         apply_cpu_shims()
     build_context(config)
-    trainer = Trainer(args=config, task="text_generation", callbacks=[progress_callback_for(config)])
+    from mindformers.tools.utils import get_real_rank  # the rank CheckpointMonitor names its directory after
+
+    rank_dir = Path(config.output_dir) / "checkpoint" / f"rank_{get_real_rank()}"
+    # progress records for the operator's status, and sha256 sidecars for every checkpoint CheckpointMonitor saves
+    # (telechat2.manifest; verified by merge)
+    callbacks = [progress_callback_for(config), manifest_callback(rank_dir)]
+    trainer = Trainer(args=config, task="text_generation", callbacks=callbacks)
     trainer.finetune(
         finetune_checkpoint=config.load_checkpoint or False,
         resume_training=bool(config.resume_training) or None,
     )
+    # After training: sidecars for any checkpoint still without one (a killed earlier run's last saves included).
+    write_missing_manifests(rank_dir)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -181,10 +181,25 @@ def architecture_from_hf_config(hf_config: dict) -> TeleChat2Config:
     )
 
 
-def hf_config_dict(config: TeleChat2Config) -> dict:
-    """A Hugging Face `config.json` for `config` in TeleChat2's own key names (written by convert-reversed)."""
+# config.json keys the official code reads (Tele-AI/TeleChat2 configuration_telechat2.py `Telechat2Config.__init__`
+# and modeling_telechat2.py, which also reads `base_seqlen` and `flash_attn` straight off the config: a file
+# without them fails with AttributeError). `auto_map` lets `from_pretrained(..., trust_remote_code=True)` find those
+# two files once copied next to the weights; `architectures` is the name vLLM registers for TeleChat2.
+HF_AUTO_MAP = {
+    "AutoConfig": "configuration_telechat2.Telechat2Config",
+    "AutoModelForCausalLM": "modeling_telechat2.Telechat2ForCausalLM",
+}
+HF_ARCHITECTURE = "TeleChat2ForCausalLM"
+
+
+def hf_config_dict(config: TeleChat2Config, torch_dtype: str = "float32") -> dict:
+    """A Hugging Face `config.json` for `config` that the official TeleChat2 code loads (written by convert-reversed).
+
+    `flash_attn` is on for float16/bfloat16 weights only: the official flash path asserts half precision.
+    """
     out = {
-        "architectures": ["TelechatForCausalLM"],
+        "architectures": [HF_ARCHITECTURE],
+        "auto_map": dict(HF_AUTO_MAP),
         "model_type": "telechat",
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -193,6 +208,16 @@ def hf_config_dict(config: TeleChat2Config) -> dict:
         "num_key_value_heads": config.n_kv_heads,
         "ffn_hidden_size": config.intermediate_size,
         "layer_norm_epsilon": config.rms_norm_eps,
+        "initializer_range": config.initializer_range,
+        "hidden_act": "silu",
+        "apply_residual_connection_post_layernorm": False,
+        "embed_layernorm": False,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+        "logn": False,
+        "flash_attn": torch_dtype in ("float16", "bfloat16"),
+        "unk_token_id": 0,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id,
@@ -200,6 +225,7 @@ def hf_config_dict(config: TeleChat2Config) -> dict:
         "seq_length": config.seq_length,
         "training_seqlen": config.training_seqlen,
         "base_seqlen": config.max_position_embedding,
+        "torch_dtype": torch_dtype,
     }
     if config.is_moe:
         out["num_experts"] = config.num_experts

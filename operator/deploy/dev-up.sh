@@ -31,12 +31,15 @@ if [ "${1:-}" = "stop" ]; then
   exit 0
 fi
 
-kubectl apply --server-side --force-conflicts --filename="$repo/crds/" >/dev/null
-kubectl wait --for=condition=Established --timeout=60s crd/telechatfinetunes.telechat.io >/dev/null
+# With Helm's ownership metadata: `helm install telechat-operator charts/telechat-operator --namespace telechat`
+# adopts them later (see install-crds.sh).
+bash "$repo/operator/deploy/install-crds.sh"
 echo "dev-up: CRDs installed"
 
 stop_operator
-nohup "$repo/.venv/bin/telechat-operator" run --all-namespaces --log-format plain --metrics-port 0 --liveness "" \
+# The samples keep their data on a hostPath volume under /mnt/telechat: allow exactly that on the local cluster.
+TELECHAT_OPERATOR_ALLOWED_HOSTPATHS="${TELECHAT_OPERATOR_ALLOWED_HOSTPATHS:-/mnt/telechat}" \
+  nohup "$repo/.venv/bin/telechat-operator" run --all-namespaces --log-format plain --metrics-port 0 --liveness "" \
   >>"$logfile" 2>&1 &
 echo $! >"$pidfile"
 echo "dev-up: operator running (pid $(cat "$pidfile"), log $logfile; stop: bash operator/deploy/dev-up.sh stop)"

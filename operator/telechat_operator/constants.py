@@ -32,6 +32,7 @@ LABEL_ATTEMPT = "telechat.io/attempt"
 LABEL_ROLE = "telechat.io/role"
 ROLE_WORKER = "worker"
 ROLE_MERGE = "merge"
+ROLE_INITIALIZER = "initializer"  # the pod running `telechat2 preprocess` / `convert` before the ranks
 
 # --- Annotations ---------------------------------------------------------------------------------------------
 # Volcano gang scheduling: pods name their PodGroup here.
@@ -61,10 +62,19 @@ CONFIG_VOLUME = "telechat-config"
 CONFIG_MOUNT_DIR = "/etc/telechat"
 CONFIG_KEY = "config.yaml"
 CONFIG_PATH = f"{CONFIG_MOUNT_DIR}/{CONFIG_KEY}"
+# Paths the operator mounts into every NPU pod: a user mount at or under one of them is refused (both CRDs' CEL
+# rules list the same paths).
+RESERVED_MOUNT_PATHS = (CONFIG_MOUNT_DIR, SHM_MOUNT_PATH, *(path for _, path, _ in ASCEND_DRIVER_MOUNTS))
 
 # --- Containers ----------------------------------------------------------------------------------------------
 TRAINER_CONTAINER = "trainer"
 MERGE_CONTAINER = "merge"
+# Containers of the initializer pod; they run side by side (independent inputs and outputs).
+PREPROCESS_CONTAINER = "preprocess"
+CONVERT_CONTAINER = "convert"
+# Where the telechat2 commands write why they failed (the kubelet copies it into the container's terminated state;
+# FallbackToLogsOnError takes the log tail when a crash wrote nothing).
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 MASTER_PORT_NAME = "msrun"
 # Rank 0's `telechat2 launch` serves every rank's training progress here (GET /progress, read-only JSON); the
 # operator polls it (telechat_operator.progress). The same number as telechat2.progress.DEFAULT_PORT.
@@ -77,6 +87,8 @@ MSRUN_LOG_DIR = "msrun_log"
 STRATEGY_DIR = "strategy"
 CHECKPOINT_DIR = "checkpoint"
 MERGED_DIR = "merged"
+# `telechat2 convert`'s output when spec.checkpoint.huggingface is set without spec.checkpoint.load.
+CONVERTED_DIR = "converted"
 
 # --- Environment contract with `telechat2 launch` ------------------------------------------------------------
 # The rank pods pass the msrun arguments on the command line; the same values also go in these variables so a
@@ -88,6 +100,8 @@ ENV_MASTER_ADDR = "TELECHAT_MASTER_ADDR"
 ENV_MASTER_PORT = "TELECHAT_MASTER_PORT"
 ENV_LOG_DIR = "TELECHAT_LOG_DIR"
 ENV_CLUSTER_TIMEOUT = "TELECHAT_CLUSTER_TIMEOUT"
+# `telechat2 launch` reads it (how long to wait for the master's name to resolve): owned by the launch contract too.
+ENV_RESOLVE_TIMEOUT = "TELECHAT_RESOLVE_TIMEOUT"
 # Informational: which job and attempt this process belongs to.
 ENV_JOB_NAME = "TELECHAT_JOB_NAME"
 ENV_ATTEMPT = "TELECHAT_ATTEMPT"
@@ -100,6 +114,7 @@ RESERVED_ENV_NAMES = (
     ENV_MASTER_PORT,
     ENV_LOG_DIR,
     ENV_CLUSTER_TIMEOUT,
+    ENV_RESOLVE_TIMEOUT,
     ENV_JOB_NAME,
     ENV_ATTEMPT,
     "MS_ROLE",
@@ -140,6 +155,7 @@ RETRYABLE_POD_REASONS = frozenset(
 )
 
 # --- Conditions, states, reasons -----------------------------------------------------------------------------
+COND_INITIALIZED = "Initialized"
 COND_CREATED = "Created"
 COND_RUNNING = "Running"
 COND_RESTARTING = "Restarting"
@@ -152,6 +168,7 @@ COND_STALLED = "Stalled"
 # False while the running attempt's pods were built from an older spec (edits wait for the next restart).
 COND_SPEC_APPLIED = "SpecApplied"
 CONDITION_TYPES = (
+    COND_INITIALIZED,
     COND_CREATED,
     COND_RUNNING,
     COND_RESTARTING,
@@ -165,6 +182,7 @@ CONDITION_TYPES = (
 
 # One-word `status.state` (printer column).
 STATE_PENDING = "Pending"
+STATE_INITIALIZING = "Initializing"
 STATE_RUNNING = "Running"
 STATE_RESTARTING = "Restarting"
 STATE_MERGING = "Merging"
@@ -198,3 +216,4 @@ BLOCKED_WAITING_REASONS = frozenset(
     }
 )
 UNSCHEDULABLE_REASON = "Unschedulable"
+REASON_INITIALIZER_FAILED = "InitializerFailed"

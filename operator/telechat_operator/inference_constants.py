@@ -99,11 +99,17 @@ INFERENCE_CONDITION_TYPES = (COND_AVAILABLE, COND_PROGRESSING, COND_READY)
 
 REASON_WAITING_FOR_FINETUNE = "WaitingForFinetune"
 REASON_FINETUNE_FAILED = "FinetuneFailed"
+# spec.checkpoint.fromFinetune names a finetune of another model (size): its weights cannot load into spec.model.
+REASON_MODEL_MISMATCH = "ModelMismatch"
 REASON_INVALID_SPEC = c.REASON_INVALID_SPEC
 REASON_CREATING = "Creating"
 REASON_ROLLING = "RollingUpdate"
 REASON_SCALING = "Scaling"
 REASON_RECREATING_GROUP = "RecreatingGroup"
+# The Deployment's ReplicaSet cannot create pods (admission refused them: a missing PriorityClass, a quota).
+REASON_REPLICA_FAILURE = "ReplicaFailure"
+# Multi-node groups that keep failing: recreated with exponential backoff, like the finetune's restarts.
+REASON_GROUP_BACKOFF = "CrashLoopBackOff"
 REASON_ROLLOUT_COMPLETE = "RolloutComplete"
 REASON_ALL_READY = "AllReplicasReady"
 REASON_NOT_READY = "ReplicasNotReady"

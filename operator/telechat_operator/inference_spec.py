@@ -16,6 +16,7 @@ from telechat_operator import constants as c
 from telechat_operator import inference_constants as ic
 from telechat_operator.spec_common import (
     SpecError,
+    check_volume_mounts,
     known_model_defaults,
     optional_int,
     owner_reference,
@@ -172,6 +173,7 @@ def _volumes(spec: Mapping[str, Any]) -> tuple[tuple[dict[str, Any], ...], tuple
             raise SpecError(f"spec.volumes[{index}].name", f"{name} is reserved (added by the operator)")
         names.add(name)
     mounts = tuple(dict(m) for m in spec.get("volumeMounts") or ())
+    check_volume_mounts(mounts)
     for index, mount in enumerate(mounts):
         if mount.get("name") not in names:
             raise SpecError(

@@ -8,7 +8,7 @@ know from Deployments and LeaderWorkerSet, with `observedGeneration` on each, so
 - `Available`: at least one replica serves (MinimumReplicasAvailable), or none is wanted (ScaledToZero).
 - `Progressing`: True while something is moving (Creating, Scaling, RollingUpdate, RecreatingGroup,
   WaitingForFinetune); False when the rollout is complete (RolloutComplete) or cannot proceed without a user
-  change (InvalidSpec, FinetuneFailed).
+  change (InvalidSpec, FinetuneFailed, ModelMismatch).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 from telechat_operator import constants as c
 from telechat_operator import inference_constants as ic
 from telechat_operator.inference_spec import InferenceSpec, ResolvedCheckpoint, default_vocab_file
+from telechat_operator.refusals import REASON_REQUEST_REFUSED
 from telechat_operator.status import Event, condition_is, set_condition
 
 
@@ -45,6 +46,11 @@ class WorkloadView:
     observed: bool = True  # the workload controller has acted on the latest template (Deployment observedGeneration)
     recreating: bool = False  # a multi-node group is being torn down and created again
     message: str = ""
+    # Why the workload controller cannot create pods (a Deployment's ReplicaFailure condition: a 403 from admission
+    # such as a missing PriorityClass), or None.
+    failure: str | None = None
+    # A multi-node group failed again and again: it waits longer before each recreation (reason CrashLoopBackOff).
+    crash_looping: bool = False
 
     @property
     def complete(self) -> bool:
@@ -57,7 +63,21 @@ def deployment_view(deployment: Mapping[str, Any] | None, desired: int) -> Workl
         return WorkloadView(desired=desired, replicas=0, ready=0, updated=0, observed=False)
     meta = deployment.get("metadata") or {}
     status = deployment.get("status") or {}
+    failure = next(
+        (
+            cond
+            for cond in status.get("conditions") or []
+            if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True"
+        ),
+        None,
+    )
     return WorkloadView(
+        failure=(
+            None
+            if failure is None
+            else f"Deployment {meta.get('name')} cannot create pods ({failure.get('reason') or 'FailedCreate'}):"
+            f" {failure.get('message') or 'no message'}"
+        ),
         desired=desired,
         replicas=int(status.get("replicas") or 0),
         ready=int(status.get("readyReplicas") or 0),
@@ -100,6 +120,14 @@ def resolve_finetune_checkpoint(spec: InferenceSpec, finetune: Mapping[str, Any]
     assert name is not None
     if finetune is None:
         return Gate(ic.REASON_WAITING_FOR_FINETUNE, f"TeleChatFinetune {name} not found in {spec.namespace}", True)
+    finetune_model = (finetune.get("spec") or {}).get("model")
+    if finetune_model and finetune_model != spec.model:
+        return Gate(
+            ic.REASON_MODEL_MISMATCH,
+            f"spec.checkpoint.fromFinetune: TeleChatFinetune {name} trains {finetune_model}, not spec.model"
+            f" {spec.model}: its checkpoint cannot be served as {spec.model}",
+            False,
+        )
     status = finetune.get("status") or {}
     if condition_is(status, c.COND_FAILED):
         return Gate(ic.REASON_FINETUNE_FAILED, f"TeleChatFinetune {name} failed: no checkpoint to serve", False)
@@ -146,6 +174,10 @@ def finetune_of(body: Mapping[str, Any]) -> str | None:
 
 def _progress_reason(workload: WorkloadView) -> tuple[str, str]:
     """Why the rollout is not complete, in the order a user cares about."""
+    if workload.failure:
+        return ic.REASON_REPLICA_FAILURE, workload.failure
+    if workload.crash_looping:
+        return ic.REASON_GROUP_BACKOFF, workload.message or "a multi-node group keeps failing"
     if workload.recreating:
         return ic.REASON_RECREATING_GROUP, workload.message or "recreating a multi-node group after a pod failed"
     if workload.replicas == 0 and workload.desired > 0:
@@ -168,13 +200,21 @@ def compute_status(
     workload: WorkloadView | None = None,
     gate: Gate | None = None,
     group_restarts: int = 0,
+    group_backoff: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The whole new status: either a gate (nothing can run) or the workload's counts. `old` is not modified."""
+    """The whole new status: either a gate (nothing can run) or the workload's counts. `old` is not modified.
+
+    `group_backoff`: the multi-node groups waiting before their next recreation (`status.groupBackoff`); with a
+    workload and none given, the field is dropped (no group is backing off)."""
     status: dict[str, Any] = copy.deepcopy(dict(old))
     status["observedGeneration"] = generation
     status["selector"] = selector
     if group_restarts:
         status["groupRestarts"] = int(status.get("groupRestarts") or 0) + group_restarts
+    if group_backoff:
+        status["groupBackoff"] = group_backoff
+    elif gate is None:
+        status.pop("groupBackoff", None)
 
     def cond(kind: str, value: bool, reason: str, message: str) -> None:
         set_condition(status, kind, value, reason, message, now, generation)
@@ -223,6 +263,30 @@ def invalid_spec_status(
     )
 
 
+def refused_status(
+    old: Mapping[str, Any], *, generation: int, now: datetime, selector: str, message: str
+) -> dict[str, Any]:
+    """The apiserver refused one of the operator's requests (see `refusals`): Progressing (it retries by itself)
+    and not Ready, both saying which object was refused and why. Available and the counts stay as last observed:
+    replicas that already serve keep serving."""
+    status: dict[str, Any] = copy.deepcopy(dict(old))
+    status["observedGeneration"] = generation
+    status["selector"] = selector
+    for key in ("replicas", "readyReplicas", "updatedReplicas"):
+        status.setdefault(key, 0)
+
+    def cond(kind: str, value: bool) -> None:
+        set_condition(status, kind, value, REASON_REQUEST_REFUSED, message, now, generation)
+
+    if not _condition(status, ic.COND_AVAILABLE):
+        cond(ic.COND_AVAILABLE, False)
+    cond(ic.COND_PROGRESSING, True)
+    cond(ic.COND_READY, False)
+    for existing in status.get("conditions") or []:
+        existing["observedGeneration"] = generation
+    return status
+
+
 def _condition(status: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
     return next((cond for cond in status.get("conditions") or [] if cond.get("type") == kind), {})
 
@@ -236,7 +300,11 @@ def transition_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Ev
         warning = after_prog.get("reason") in (
             ic.REASON_INVALID_SPEC,
             ic.REASON_FINETUNE_FAILED,
+            ic.REASON_MODEL_MISMATCH,
             ic.REASON_RECREATING_GROUP,
+            ic.REASON_REPLICA_FAILURE,
+            ic.REASON_GROUP_BACKOFF,
+            REASON_REQUEST_REFUSED,
         )
         events.append(
             Event("Warning" if warning else "Normal", str(after_prog.get("reason")), str(after_prog.get("message", "")))

@@ -35,13 +35,35 @@ MERGE_PATCH = "application/merge-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"  # JSON is YAML: the body is sent as JSON
 
 
-class ApiError(RuntimeError):
-    """A request the API refused; `status` is the HTTP code (422 for a body the apiserver rejects)."""
+# Every object the operator writes is posted with strict field validation: a field the apiserver does not know
+# (a typo in a user's affinity or volumeMounts, copied into a pod) is an error naming it, never silently dropped.
+STRICT = {"fieldValidation": "Strict"}
 
-    def __init__(self, status: int, message: str) -> None:
+
+class ApiError(RuntimeError):
+    """A request the API refused; `status` is the HTTP code (422 for a body the apiserver rejects).
+
+    `target` says which request on which object ("create Pod ns/name"), set by the writers below, so a status
+    condition can name the refused object."""
+
+    def __init__(self, status: int, message: str, target: str = "") -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.message = message
+        self.target = target
+
+    def describe(self) -> str:
+        """ "create Pod ns/x refused (HTTP 403): ..." (or just the code and message when the target is unknown)."""
+        where = f"{self.target} refused " if self.target else "refused "
+        return f"{where}(HTTP {self.status}): {self.message}"
+
+
+def _refused(verb: str, body: Mapping[str, Any], err: ApiError) -> ApiError:
+    """Name the object on an ApiError raised by a write (kept when an inner write named it already)."""
+    if not err.target:
+        meta = body.get("metadata") or {}
+        err.target = f"{verb} {body.get('kind')} {meta.get('namespace')}/{meta.get('name')}"
+    return err
 
 
 def api_client() -> kubernetes.client.ApiClient:
@@ -197,26 +219,35 @@ def apply(body: Mapping[str, Any]) -> dict[str, Any]:
     """Server-side apply (create or update) with our field manager, taking over conflicting fields."""
     meta = body["metadata"]
     plural = _plural(body)
-    return _request(
-        "PATCH",
-        _object_path(body["apiVersion"], meta["namespace"], plural, meta["name"]),
-        plural,
-        body=dict(body),
-        query={"fieldManager": c.OPERATOR_NAME, "force": "true"},
-        content_type=APPLY_PATCH,
-    )
+    try:
+        return _request(
+            "PATCH",
+            _object_path(body["apiVersion"], meta["namespace"], plural, meta["name"]),
+            plural,
+            body=dict(body),
+            query={"fieldManager": c.OPERATOR_NAME, "force": "true", **STRICT},
+            content_type=APPLY_PATCH,
+        )
+    except ApiError as err:
+        raise _refused("apply", body, err) from None
 
 
 def create(body: Mapping[str, Any]) -> bool:
     """Create a namespaced object; False if it already existed (409), which is success for a reconciler."""
     meta = body["metadata"]
     try:
-        _request("POST", _collection(body["apiVersion"], meta["namespace"], _plural(body)), _plural(body), body=body)
+        _request(
+            "POST",
+            _collection(body["apiVersion"], meta["namespace"], _plural(body)),
+            _plural(body),
+            body=body,
+            query=STRICT,
+        )
         return True
     except ApiError as err:
         if err.status == 409:
             return False
-        raise
+        raise _refused("create", body, err) from None
 
 
 def create_or_patch(body: Mapping[str, Any], patch: Mapping[str, Any]) -> None:
@@ -224,7 +255,10 @@ def create_or_patch(body: Mapping[str, Any], patch: Mapping[str, Any]) -> None:
     if not create(body):
         meta = body["metadata"]
         path = f"{_collection(body['apiVersion'], meta['namespace'], _plural(body))}/{meta['name']}"
-        _request("PATCH", path, _plural(body), body=patch, content_type=MERGE_PATCH)
+        try:
+            _request("PATCH", path, _plural(body), body=patch, query=STRICT, content_type=MERGE_PATCH)
+        except ApiError as err:
+            raise _refused("patch", body, err) from None
 
 
 def delete_child(kind: str, namespace: str, name: str) -> None:
@@ -239,7 +273,7 @@ def delete_child(kind: str, namespace: str, name: str) -> None:
         )
     except ApiError as err:
         if err.status != 404:
-            raise
+            raise _refused("delete", {"kind": kind, "metadata": {"namespace": namespace, "name": name}}, err) from None
 
 
 def delete_pod(namespace: str, name: str) -> None:

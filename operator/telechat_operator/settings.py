@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import posixpath
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -52,19 +53,36 @@ class OperatorConfig:
     # each fetch giving up after progress_timeout_seconds (unreachable pods back off up to resync_seconds).
     progress_seconds: float = 30.0
     progress_timeout_seconds: float = 2.0
+    # A multi-node inference group ready this long after its last recreation has its failure count (and so its
+    # recreation backoff) reset; one that fails sooner counts as crash-looping.
+    group_stable_seconds: float = 600.0
+    # Host paths (prefixes) user volumes may mount with hostPath (TELECHAT_OPERATOR_ALLOWED_HOSTPATHS, comma
+    # separated): none by default. The Ascend driver paths are the operator's own volumes and need no entry.
+    allowed_host_paths: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
         env = os.environ if env is None else env
         prefix = "TELECHAT_OPERATOR_"
         defaults = cls()
-        values = {
+        values: dict[str, Any] = {
             field.name: _float(env, prefix + field.name.upper(), getattr(defaults, field.name))
             for field in dataclasses.fields(cls)
+            if field.name != "allowed_host_paths"
         }
         for name in ("reconcile_workers", "create_workers"):
             values[name] = max(1, int(values[name]))
+        values["allowed_host_paths"] = host_path_list(env, prefix + "ALLOWED_HOSTPATHS")
         return cls(**values)
+
+
+def host_path_list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Comma-separated absolute paths; a relative one is a configuration error naming the variable."""
+    paths = tuple(part.strip() for part in (env.get(name) or "").split(",") if part.strip())
+    for path in paths:
+        if not path.startswith("/"):
+            raise ValueError(f"environment variable {name}: {path!r} is not an absolute path")
+    return tuple(posixpath.normpath(path) for path in paths)
 
 
 class NoDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):

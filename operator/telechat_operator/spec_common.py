@@ -6,8 +6,9 @@ Pure: no API calls; `telechat2.configs` is imported lazily (pure Python, no Mind
 
 from __future__ import annotations
 
+import posixpath
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from telechat_operator import constants as c
@@ -99,10 +100,84 @@ def merge_env(
     return tuple(merged.values())
 
 
-def resources_without_npus(raw: Mapping[str, Any] | None, *, devices_field: str) -> dict[str, Any]:
+def resources_without_npus(
+    raw: Mapping[str, Any] | None, *, devices_field: str, field: str = "spec.resources"
+) -> dict[str, Any]:
     """The user's container resources; the NPU count comes from `devices_field` only, never from here."""
     resources = dict(raw or {})
     for section in ("requests", "limits"):
         if c.ASCEND_RESOURCE in (resources.get(section) or {}):
-            raise SpecError(f"spec.resources.{section}", f"must not set {c.ASCEND_RESOURCE}; use {devices_field}")
+            raise SpecError(f"{field}.{section}", f"must not set {c.ASCEND_RESOURCE}; use {devices_field}")
     return resources
+
+
+# A Kubernetes resource quantity (the apiserver's own pattern, as in the CRDs).
+_QUANTITY = re.compile(
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+
+def cpu_resources(raw: Any, field: str) -> dict[str, Any]:
+    """Resources of a CPU-only container (the merge pod): requests/limits of quantities, never an NPU.
+
+    Checked here too (the CRD says the same) because a typo such as `limts` or `cpu: two` would otherwise reach the
+    pod, or be dropped, only after training finished."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise SpecError(field, f"must be an object with requests and/or limits, got {raw!r}")
+    unknown = sorted(set(raw) - {"requests", "limits"})
+    if unknown:
+        raise SpecError(f"{field}.{unknown[0]}", "unknown key: only requests and limits are allowed")
+    resources: dict[str, Any] = {}
+    for section in ("requests", "limits"):
+        values = raw.get(section)
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            raise SpecError(f"{field}.{section}", f"must map resource names to quantities, got {values!r}")
+        for name, value in values.items():
+            if name == c.ASCEND_RESOURCE:
+                raise SpecError(f"{field}.{section}", f"must not set {c.ASCEND_RESOURCE}: this container runs on CPU")
+            if isinstance(value, bool) or not _QUANTITY.match(str(value)):
+                raise SpecError(
+                    f"{field}.{section}.{name}", f"{value!r} is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)"
+                )
+        resources[section] = dict(values)
+    return resources
+
+
+def check_volume_mounts(mounts: Iterable[Mapping[str, Any]], field: str = "spec.volumeMounts") -> None:
+    """No mount at or under a path the operator mounts, and no path mounted twice (the apiserver would refuse the
+    pod, or a Deployment apply with a 500, long after the spec was accepted)."""
+    seen: dict[str, int] = {}
+    for index, mount in enumerate(mounts):
+        raw = str(mount.get("mountPath") or "")
+        path = posixpath.normpath(raw) if raw else raw
+        for own in c.RESERVED_MOUNT_PATHS:
+            if path == own or path.startswith(own + "/"):
+                raise SpecError(f"{field}[{index}].mountPath", f"{raw} is at or under {own}, which the operator mounts")
+        if path in seen:
+            raise SpecError(f"{field}[{index}].mountPath", f"{raw} is already mounted by {field}[{seen[path]}]")
+        seen[path] = index
+
+
+def check_host_paths(
+    volumes: Iterable[Mapping[str, Any]], allowed: Collection[str], field: str = "spec.volumes"
+) -> None:
+    """hostPath volumes reach into the node: refused unless the operator's setting allows the path (the Ascend
+    driver paths are the operator's own volumes, never the user's). `allowed` holds path prefixes."""
+    for index, volume in enumerate(volumes):
+        host_path = volume.get("hostPath")
+        if host_path is None:
+            continue
+        raw = str((host_path or {}).get("path") or "")
+        path = posixpath.normpath(raw) if raw else raw
+        if not any(path == root or path.startswith(root.rstrip("/") + "/") for root in allowed):
+            allowed_text = ", ".join(allowed) if allowed else "none"
+            raise SpecError(
+                f"{field}[{index}].hostPath.path",
+                f"{raw or '(empty)'} is not an allowed host path (operator setting TELECHAT_OPERATOR_ALLOWED_HOSTPATHS:"
+                f" {allowed_text}); use a PersistentVolumeClaim",
+            )

@@ -54,6 +54,7 @@ class PodView:
     deleting: bool = False
     stopping: bool = False  # spec.activeDeadlineSeconds set: the kubelet is ending it (how the operator stops one)
     blocked: tuple[str, str] | None = None  # (reason, message) a Pending pod is stuck on, see pod_blocker
+    message: str | None = None  # the failed container's termination message (initializers write the cause there)
 
     @property
     def finished(self) -> bool:
@@ -64,11 +65,14 @@ class PodView:
         meta = pod.get("metadata") or {}
         labels = meta.get("labels") or {}
         status = pod.get("status") or {}
-        exit_code, term_reason = None, None
+        exit_code, term_reason, message = None, None, None
         for container in status.get("containerStatuses") or []:
             terminated = (container.get("state") or {}).get("terminated")
-            if terminated and container.get("name") in (c.TRAINER_CONTAINER, c.MERGE_CONTAINER):
+            if terminated and container.get("name") in _OWN_CONTAINERS and not exit_code:
+                # A failed container wins over one that exited 0 (the initializer pod has two).
                 exit_code, term_reason = terminated.get("exitCode"), terminated.get("reason")
+                text = (terminated.get("message") or "").strip()
+                message = f"{container['name']}: {text}" if text and exit_code else None
         rank = labels.get(c.LABEL_NODE_RANK)
         return cls(
             name=meta["name"],
@@ -81,6 +85,7 @@ class PodView:
             deleting=bool(meta.get("deletionTimestamp")),
             stopping=(pod.get("spec") or {}).get("activeDeadlineSeconds") is not None,
             blocked=pod_blocker(pod),
+            message=message,
         )
 
 
@@ -104,6 +109,11 @@ def pod_blocker(pod: Mapping[str, Any]) -> tuple[str, str] | None:
             detail = f"container {container.get('name')}: {waiting.get('message') or waiting['reason']}"
             return str(waiting["reason"]), detail
     return None
+
+
+_OWN_CONTAINERS = (c.TRAINER_CONTAINER, c.MERGE_CONTAINER, c.PREPROCESS_CONTAINER, c.CONVERT_CONTAINER)
+# Termination messages are at most 4096 bytes; the status keeps this much of one.
+MAX_MESSAGE = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +145,8 @@ class Plan:
     stop_pods: list[str] = dataclasses.field(default_factory=list)
     create_ranks: list[int] = dataclasses.field(default_factory=list)  # ranks of status.attempt to create
     create_merge: int | None = None  # merge attempt whose pod to create
+    create_init: bool = False  # the initializer pod (preprocess / convert) before any rank pod
+    config_yaml: str | None = None  # the rendered MindFormers YAML, rendered before any rank pod is posted
     ensure_children: bool = False  # ConfigMap, Service, PodGroup before the first rank pod
     events: list[Event] = dataclasses.field(default_factory=list)
     requeue_after: float | None = None
@@ -276,6 +288,51 @@ class _Machine:
     def merges(self) -> list[PodView]:
         return [p for p in self.pods if p.role == c.ROLE_MERGE]
 
+    def initialized(self) -> bool:
+        """True once the initializer pod succeeded (or when there is none); until then it drives the job."""
+        if not self.spec.initializers.enabled or condition_is(self.status, c.COND_INITIALIZED):
+            return True
+        name = names.init_pod(self.spec.name)
+        pod = next((p for p in self.pods if p.role == c.ROLE_INITIALIZER and p.name == name), None)
+        steps = " and ".join(
+            step
+            for step, on in (
+                ("telechat2 preprocess", self.spec.initializers.dataset_jsonl),
+                ("telechat2 convert", self.spec.initializers.huggingface),
+            )
+            if on
+        )
+        if pod is None or (pod.deleting and not pod.finished):
+            if pod is None:
+                self.plan.create_init = True
+            else:
+                self.plan.requeue(TEARDOWN_POLL_SECONDS)  # a suspended job's pod still going: same name
+        elif pod.phase == "Succeeded":
+            message = f"initializer pod {name} succeeded ({steps})"
+            self.cond(c.COND_INITIALIZED, True, "Initialized", message)
+            self.event("Initialized", message)
+            return True
+        elif pod.phase in ("Failed", "Unknown"):
+            why = pod.message or (
+                f"exit code {pod.exit_code}" if pod.exit_code is not None else pod.reason or "no exit code"
+            )
+            message = f"initializer pod {name} failed: {why}"[:MAX_MESSAGE]
+            self.status["lastFailure"] = {
+                "pod": pod.name,
+                "rank": None,
+                "exitCode": pod.exit_code,
+                "reason": c.REASON_INITIALIZER_FAILED,
+                "message": message,
+                "time": to_timestamp(self.now),
+            }
+            self.cond(c.COND_INITIALIZED, False, c.REASON_INITIALIZER_FAILED, message)
+            self.fail(c.REASON_INITIALIZER_FAILED, message)
+            return False
+        message = f"initializer pod {name} is running {steps}"
+        self.cond(c.COND_INITIALIZED, False, "Initializing", message)
+        self.transition(c.STATE_INITIALIZING, "Initializing", message)
+        return False
+
     def active(self) -> list[PodView]:
         return [p for p in self.pods if not p.finished]
 
@@ -310,6 +367,7 @@ class _Machine:
         status["observedGeneration"] = self.gen
         status["nodes"] = spec.nodes
         status["npus"] = spec.world_size
+        status["layout"] = spec.parallel.status()
         status.setdefault("restarts", 0)
         status.setdefault("attempt", 0)
         if condition_is(status, c.COND_FAILED) and _reason(status, c.COND_FAILED) == c.REASON_INVALID_SPEC:
@@ -334,7 +392,7 @@ class _Machine:
                 self.merging()
             elif state == c.STATE_RESTARTING:
                 self.restarting()
-            else:
+            elif self.initialized():
                 self.training()
         if status.get("state") in c.TERMINAL_STATES:
             self.expire_finished_pods()  # also when the job finished in this very pass: schedule the TTL

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -207,6 +208,26 @@ class ModelDefaults:
     learning_rate: float
     batch_size: int
     save_steps: int
+    # Host CPU/memory requests (catalog.yaml host_resources): per NPU of a rank pod, and per merge/initializer pod.
+    trainer_requests_per_device: dict[str, str] = dataclasses.field(default_factory=dict)
+    helper_requests: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def trainer_requests(self, devices_per_node: int) -> dict[str, str]:
+        """A rank pod's CPU/memory requests for `devices_per_node` NPUs."""
+        return {
+            name: scale_quantity(value, devices_per_node) for name, value in self.trainer_requests_per_device.items()
+        }
+
+
+_QUANTITY = re.compile(r"^([0-9]+)(m|Ki|Mi|Gi|Ti)?$")
+
+
+def scale_quantity(quantity: str, factor: int) -> str:
+    """`quantity` x `factor` for the whole-number Kubernetes quantities catalog.yaml uses ("8", "500m", "64Gi")."""
+    match = _QUANTITY.match(str(quantity))
+    if match is None:
+        raise ConfigError(f"catalog.yaml host_resources: {quantity!r} is not a whole-number quantity like 8 or 64Gi")
+    return f"{int(match.group(1)) * factor}{match.group(2) or ''}"
 
 
 def parallel_devices(parallel: Mapping[str, Any]) -> int:
@@ -236,6 +257,7 @@ def model_defaults(model: str) -> ModelDefaults:
     parallel = {key: value for key, value in finetune["parallel_config"].items() if key in PARALLEL_KEYS}
     devices = parallel_devices(parallel)
     env = entry["env"] if "env" in entry else _catalog().get("env", {})
+    host = entry.get("host_resources") or {}
     return ModelDefaults(
         model=model,
         parallel=parallel,
@@ -249,6 +271,8 @@ def model_defaults(model: str) -> ModelDefaults:
         learning_rate=float(finetune["lr_schedule"]["learning_rate"]),
         batch_size=int(finetune["runner_config"]["batch_size"]),
         save_steps=int(_checkpoint_monitor(finetune).get("save_checkpoint_steps", 0)),
+        trainer_requests_per_device={str(k): str(v) for k, v in (host.get("trainer_per_device") or {}).items()},
+        helper_requests={str(k): str(v) for k, v in (host.get("helper") or {}).items()},
     )
 
 
@@ -481,5 +505,6 @@ __all__ = [
     "model_defaults",
     "parallel_devices",
     "render_config",
+    "scale_quantity",
     "validate_config",
 ]

@@ -37,8 +37,9 @@ BENCH_MODEL = TeleChat2Config(
 )
 
 
-def measure(command: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of one command, failing loudly if it fails.
+def measure(command: list[str]) -> tuple[float, int, float]:
+    """(wall seconds, peak RSS bytes, CPU seconds: user + system) of one command, failing loudly if it fails.
+    CPU time is the figure to compare on a shared machine: other jobs stretch the wall time, not the CPU time.
 
     The peak comes from GNU time's %M (the child's ru_maxrss from wait4). Measuring through `time` matters: a
     child forked straight from this script would count this script's own memory, which Linux carries into the
@@ -47,12 +48,15 @@ def measure(command: list[str]) -> tuple[float, int]:
     with tempfile.NamedTemporaryFile(mode="r") as stats:
         started = time.monotonic()
         result = subprocess.run(
-            ["/usr/bin/time", "-f", "%M", "-o", stats.name, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            ["/usr/bin/time", "-f", "%M %U %S", "-o", stats.name, *command],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         wall = time.monotonic() - started
         if result.returncode != 0:
             raise RuntimeError(f"{command} failed: {result.stderr.decode()[-2000:]}")
-        return wall, int(stats.read().split()[-1]) * 1024  # GNU time reports KiB
+        rss_kib, user, system = stats.read().split()[-3:]
+        return wall, int(rss_kib) * 1024, float(user) + float(system)  # GNU time reports KiB
 
 
 def tree_bytes(path: Path) -> int:
@@ -100,7 +104,10 @@ def write_sharded_run(root: Path) -> Path:
                 local = list(shape)
                 if split_axis[name] is not None:
                     local[split_axis[name]] //= MP
-                w.write(name, tuple(local), np.float32, [rng.standard_normal(local, dtype=np.float32)])
+                    values = rng.standard_normal(local, dtype=np.float32)
+                else:  # replicated: the same bytes on every rank, as training leaves them (merge compares them)
+                    values = np.random.default_rng(sorted(shapes).index(name)).standard_normal(local, dtype=np.float32)
+                w.write(name, tuple(local), np.float32, [values])
     return root / "output"
 
 
@@ -128,6 +135,22 @@ def telechat2(*args: str) -> list[str]:
     return [sys.executable, "-m", "telechat2.cli", *args]
 
 
+def merge_cmd_for(output: Path, dst: Path, engine: str) -> list[str]:
+    return telechat2(
+        *("merge", "--src_ckpt_strategy", str(output / "strategy"), "--src_ckpt_dir", str(output / "checkpoint")),
+        *("--dst_ckpt_dir", str(dst), "--prefix", "bench", "--engine", engine),
+    )
+
+
+def write_sidecars_cmd(checkpoint_dir: Path) -> list[str]:
+    """A child process hashing every rank directory, as training does after each save (telechat2.manifest)."""
+    code = (
+        "import sys; from pathlib import Path; from telechat2.manifest import write_missing_manifests; "
+        "[write_missing_manifests(d) for d in sorted(Path(sys.argv[1]).glob('rank_*'))]"
+    )
+    return [sys.executable, "-c", code, str(checkpoint_dir)]
+
+
 def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
@@ -140,16 +163,19 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="telechat2-bench-", dir=args.workdir))
     rows: list[str] = []
 
-    def row(operation: str, size: int, wall: float, rss: int) -> None:
+    def row(operation: str, size: int, wall: float, rss: int, cpu: float) -> None:
         rows.append(
-            f"| {operation} | {gb(size)} | {wall:.2f} s | {size / wall / 1e6:.0f} MB/s | {rss / 1e6:.0f} MB "
-            f"| {rss / size:.2f} |"
+            f"| {operation} | {gb(size)} | {wall:.2f} s | {cpu:.2f} s | {size / wall / 1e6:.0f} MB/s "
+            f"| {rss / 1e6:.0f} MB | {rss / size:.2f} |"
         )
         print(rows[-1], flush=True)
 
     try:
-        _, baseline = measure([sys.executable, "-c", "import mindspore.parallel"])
-        rows.append(f"| baseline: `python -c 'import mindspore.parallel'` | - | - | - | {baseline / 1e6:.0f} MB | - |")
+        _, baseline, base_cpu = measure([sys.executable, "-c", "import mindspore.parallel"])
+        rows.append(
+            f"| baseline: `python -c 'import mindspore.parallel'` | - | - | {base_cpu:.2f} s | - "
+            f"| {baseline / 1e6:.0f} MB | - |"
+        )
         print("writing the sharded run ...", flush=True)
         output = write_sharded_run(work / "merge")
         shard_bytes = tree_bytes(output / "checkpoint")
@@ -169,6 +195,18 @@ def main() -> int:
                 f"`telechat2 merge --engine {engine}` ({how}), {MP} shards + strategy", shard_bytes, *measure(merge_cmd)
             )
             shutil.rmtree(work / "merge" / "merged")
+        # What integrity checking costs: training writes a sha256 sidecar per saved shard; merge verifies them first.
+        row(
+            f"writing sha256 sidecars for the {MP} shards (what `telechat2 finetune` adds per save)",
+            shard_bytes,
+            *measure(write_sidecars_cmd(output / "checkpoint")),
+        )
+        row(
+            f"`telechat2 merge --engine stream`, {MP} shards + strategy, sha256 sidecars verified first",
+            shard_bytes,
+            *measure(merge_cmd_for(output, work / "merge" / "merged", "stream")),
+        )
+        shutil.rmtree(work / "merge" / "merged")
         shutil.rmtree(work / "merge")
 
         print("writing the Hugging Face checkpoint ...", flush=True)
@@ -196,6 +234,13 @@ def main() -> int:
         shutil.rmtree(work / "c")
         dp_cmd = telechat2("merge", "--src_ckpt_dir", str(dp), "--dst_ckpt_dir", str(work / "dp_merged"))
         row("`telechat2 merge`, 2 data-parallel replicas (compared, rank 0 copied)", dp_bytes, *measure(dp_cmd))
+        shutil.rmtree(work / "dp_merged")
+        measure(write_sidecars_cmd(dp))  # both links share one file: one sidecar each, same digest
+        row(
+            "`telechat2 merge`, 2 data-parallel replicas, sha256 sidecars verified first",
+            dp_bytes,
+            *measure(dp_cmd),
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -225,8 +270,9 @@ def render(rows: list[str], largest: int) -> str:
             "",
             "How each figure is measured: every operation runs as its own child process under GNU `time`; *wall time* "
             "is measured around it, *peak RSS* is `time`'s %M (the child's `ru_maxrss`, the high-water mark of its "
-            "resident memory), *throughput* is input bytes / wall time. Inputs are random float32 tensors written just "
-            "before (warm page cache, the same for `cp`).",
+            "resident memory), *CPU time* is its user + system time (%U + %S; unlike wall time it is not "
+            "stretched by other jobs on the machine), *throughput* is input bytes / wall time. Inputs are random "
+            "float32 tensors written just before (warm page cache, the same for `cp`).",
             "",
             f"- Merge input: a {MP}-way model-parallel run of a {gb(model_bytes)} model "
             f"({BENCH_MODEL.num_layers} layers, hidden {BENCH_MODEL.hidden_size}): output/checkpoint/rank_0..{MP - 1} "
@@ -235,9 +281,14 @@ def render(rows: list[str], largest: int) -> str:
             "- Data-parallel merge input: two replicas of the converted checkpoint (hard links); the model weights are "
             "compared bit for bit, then rank 0's file is copied.",
             "- Conversion input: a Hugging Face-layout safetensors checkpoint of the same model, one file per layer.",
+            "- Integrity: the sidecar row hashes every shard (sha256, `telechat2.manifest.write_missing_manifests`, "
+            "the work training adds per save); the rows marked *sha256 sidecars verified first* are the same merges "
+            "with a sidecar beside every shard, which merge checks before reading any shard. Without sidecars (the "
+            "rows above them) merge instead compares the ranks that hold the same slice (here only the replicated "
+            "1-D tensors; the data-parallel copies in full).",
             "",
-            "| operation | input | wall time | throughput | peak RSS | peak RSS / input |",
-            "|---|---|---|---|---|---|",
+            "| operation | input | wall time | CPU time | throughput | peak RSS | peak RSS / input |",
+            "|---|---|---|---|---|---|---|",
             *rows,
             "",
             f"Largest single tensor: {largest / 1e6:.0f} MB. Conversion streams one tensor at a time: its peak is "
@@ -246,6 +297,11 @@ def render(rows: list[str], largest: int) -> str:
             "footprint (the baseline row); `mindspore.transform_checkpoints` holds every shard plus a copy of them, "
             "several times the checkpoint, which for TeleChat2-115B (453 GB) no ordinary host has. That is why "
             "`telechat2 merge` streams by default and keeps transform_checkpoints as `--engine transform`.",
+            "",
+            "Checksum overhead: verifying the sidecars is one sha256 pass over the shards, the *writing sha256 "
+            "sidecars* row (about 1 GB/s of CPU time); against the stream merge that is about a tenth of its CPU "
+            "time, less than the run-to-run spread of the two stream rows on this shared machine. For data-parallel "
+            "copies the pass covers every replica, so it doubles that merge's (small) CPU time.",
             "",
         ]
     )

@@ -73,6 +73,8 @@ class OperatorProcess:
             "KUBECONFIG": str(self.kubeconfig),
             "TELECHAT_OPERATOR_BACKOFF_BASE_SECONDS": BACKOFF_BASE_SECONDS,
             "TELECHAT_OPERATOR_BACKOFF_MAX_SECONDS": "2",
+            # The test jobs keep their output on a hostPath volume (kwok runs nothing, nothing is written).
+            "TELECHAT_OPERATOR_ALLOWED_HOSTPATHS": "/mnt/telechat",
         }
         command = [
             sys.executable, "-m", "telechat_operator", "run", "--all-namespaces", "--log-format", "full",
@@ -173,11 +175,16 @@ class Jobs:
         what = f"{count} {role} pod(s) of {name}{'' if attempt is None else f' attempt {attempt}'} {phase}"
         return wait_for(probe, what, timeout)
 
-    def set_phase(self, pods: list[dict[str, Any]], phase: str, exit_code: int | None = None) -> None:
-        """Tell kwok to end these pods (the simulated cluster never runs their containers)."""
+    def set_phase(
+        self, pods: list[dict[str, Any]], phase: str, exit_code: int | None = None, message: str | None = None
+    ) -> None:
+        """Tell kwok to end these pods (the simulated cluster never runs their containers); `message` becomes the
+        containers' termination message."""
         annotations = [f"telechat.io/fake-phase={phase}"]
         if exit_code is not None:
             annotations.append(f"telechat.io/fake-exit-code={exit_code}")
+        if message is not None:
+            annotations.append(f"telechat.io/fake-message={message}")
         names = [pod["metadata"]["name"] for pod in pods]
         self.kubectl("annotate", "pods", *names, *annotations, "--overwrite")
 

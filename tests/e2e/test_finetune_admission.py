@@ -68,6 +68,27 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         with_spec(volumeMounts=[{"name": "x", "mountPath": "/etc/telechat"}]),
         "spec.volumeMounts",
     ),
+    (
+        "mount under the config",
+        with_spec(volumeMounts=[{"name": "x", "mountPath": "/etc/telechat/extra"}]),
+        "spec.volumeMounts",
+    ),
+    (
+        "mount under the driver",
+        with_spec(volumeMounts=[{"name": "x", "mountPath": "/usr/local/Ascend/driver/lib64"}]),
+        "spec.volumeMounts",
+    ),
+    (
+        "NPUs in merge resources",
+        with_spec(merge={"resources": {"limits": {"huawei.com/Ascend910": 1}}}),
+        "spec.merge.resources must not set huawei.com/Ascend910",
+    ),
+    (
+        "merge resources not quantities",
+        with_spec(merge={"resources": {"requests": {"cpu": "two"}}}),
+        "spec.merge.resources.requests.cpu",
+    ),
+    ("reserved resolve timeout", with_spec(env=[{"name": "TELECHAT_RESOLVE_TIMEOUT", "value": "1"}]), "spec.env"),
     ("zero learning rate", with_spec(training={"learningRate": 0}), "spec.training.learningRate"),
     ("merge prefix with a slash", with_spec(merge={"prefix": "a/b"}), "spec.merge.prefix"),
     ("name too long for host names", renamed("n" * 57), "metadata.name"),

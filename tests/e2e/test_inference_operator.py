@@ -10,8 +10,10 @@ annotating its pods (`telechat.io/fake-phase`), never by patching its status.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -372,3 +374,132 @@ def test_operator_killed_mid_rollout_resumes_without_duplicates(
     assert sorted(p["metadata"]["name"] for p in pods) == ["pair-g0-0", "pair-g0-1"]
     assert len(get(cluster, ns, "deployments", "-l", "telechat.io/inference-name=solo")["items"]) == 1
     assert len(get(cluster, ns, "services", "-l", "telechat.io/inference-name=pair")["items"]) == 2  # main + group
+
+
+# --- issue 10/13: refusals, model checks, strict fields ---------------------------------------------------------
+
+
+def refusal_count(obj: dict[str, Any]) -> int:
+    """N from the condition's "(refused N time(s) in a row; ...)", 0 without one."""
+    message = condition(obj, "Ready").get("message") or ""
+    marker = "(refused "
+    return int(message.split(marker)[1].split(" ")[0]) if marker in message else 0
+
+
+def test_a_finetune_of_another_model_size_is_refused_not_served(
+    cluster: ClusterHandle, operator: Operator, ns: str
+) -> None:
+    wrong = inference("wrong", model="telechat2-7b", checkpoint={"fromFinetune": "tiny-ft"})
+    apply(cluster, ns, finetune("tiny-ft"), wrong)
+
+    def mismatch() -> dict[str, Any] | None:
+        operator.alive()
+        obj = get(cluster, ns, "telechatinference", "wrong")
+        return obj if condition(obj, "Ready").get("reason") == "ModelMismatch" else None
+
+    obj = wait_for(mismatch, "Ready False / ModelMismatch", timeout=30)
+    ready = condition(obj, "Ready")
+    assert ready["status"] == "False" and "telechat2-tiny" in ready["message"] and "telechat2-7b" in ready["message"]
+    assert condition(obj, "Progressing")["status"] == "False"  # nothing will change without a spec change
+    assert get(cluster, ns, "pods", "-l", "telechat.io/inference-name=wrong")["items"] == []
+    assert "ModelMismatch" in events(cluster, ns, "wrong")
+
+
+def test_a_missing_priority_class_is_a_condition_naming_it_for_deployments(
+    cluster: ClusterHandle, operator: Operator, ns: str
+) -> None:
+    """Single-node replicas: the Deployment is accepted, its ReplicaSet's pods are refused by admission."""
+    apply(cluster, ns, inference("prio", priorityClassName="missing-class"))
+
+    def refused() -> dict[str, Any] | None:
+        operator.alive()
+        obj = get(cluster, ns, "telechatinference", "prio")
+        return obj if condition(obj, "Progressing").get("reason") == "ReplicaFailure" else None
+
+    obj = wait_for(refused, "Progressing/ReplicaFailure naming the PriorityClass", timeout=60)
+    message = condition(obj, "Progressing")["message"]
+    assert "PriorityClass" in message and "missing-class" in message and "Deployment prio" in message
+    assert condition(obj, "Ready")["status"] == "False"
+
+
+def test_refused_group_pods_are_a_condition_with_backoff_until_the_priority_class_exists(
+    cluster: ClusterHandle, operator: Operator, ns: str
+) -> None:
+    """Multi-node groups: the operator's own pod creates are refused (403); it says so and retries with backoff."""
+    priority_class = f"tcinf-{uuid.uuid4().hex[:6]}"
+    group = inference("prio-group", devicesPerReplica=1, nodesPerReplica=2, priorityClassName=priority_class)
+    apply(cluster, ns, group)
+    seen: dict[int, float] = {}
+
+    def refused(at_least: int) -> Any:
+        def probe() -> dict[str, Any] | None:
+            operator.alive()
+            obj = get(cluster, ns, "telechatinference", "prio-group")
+            count = refusal_count(obj)
+            seen.setdefault(count, time.monotonic())
+            return obj if count >= at_least else None
+
+        return probe
+
+    obj = wait_for(refused(1), "Ready False / RequestRefused", timeout=30)
+    ready = condition(obj, "Ready")
+    assert ready["reason"] == "RequestRefused" and condition(obj, "Progressing")["status"] == "True"
+    assert f"create Pod {ns}/prio-group-g0-" in ready["message"] and priority_class in ready["message"]
+    assert "HTTP 403" in ready["message"]
+    wait_for(refused(3), "two more refused attempts", timeout=60)
+    first, third = seen[min(seen)], seen[min(c for c in seen if c >= 3)]
+    # The harness's backoff is 0.5 s doubling (capped at 2 s): attempts 2 and 3 wait >= 0.5 + 1 s after the first.
+    assert third - first >= 1.0, seen
+
+    cluster.kubectl("create", "priorityclass", priority_class, "--value=1000")
+    try:
+        obj = wait_ready(cluster, operator, ns, "prio-group", replicas=1)
+        assert "RequestRefused" not in json.dumps(obj["status"]["conditions"])
+    finally:
+        cluster.kubectl("delete", "priorityclass", priority_class, "--wait=false", check=False)
+
+
+def test_a_typo_in_a_pod_field_is_an_invalid_spec_naming_it(
+    cluster: ClusterHandle, operator: Operator, ns: str
+) -> None:
+    """affinity is passed through to the pods as written: strict field validation refuses the unknown field."""
+    apply(cluster, ns, inference("typo", affinity={"nodeAfinity": {}}))
+
+    def invalid() -> dict[str, Any] | None:
+        operator.alive()
+        obj = get(cluster, ns, "telechatinference", "typo")
+        return obj if "nodeAfinity" in (condition(obj, "Ready").get("message") or "") else None
+
+    obj = wait_for(invalid, "Ready False naming the unknown field", timeout=30)
+    assert condition(obj, "Ready")["reason"] == "InvalidSpec"
+    assert cluster.kubectl("get", "deployment", "typo", "-n", ns, "--ignore-not-found", "-o", "name").stdout == ""
+
+
+def test_a_failing_group_is_recreated_with_growing_backoff(cluster: ClusterHandle, operator: Operator, ns: str) -> None:
+    apply(cluster, ns, inference("flaky", devicesPerReplica=1, nodesPerReplica=2))
+    wait_ready(cluster, operator, ns, "flaky", replicas=1)
+    failures: list[dict[str, Any]] = []
+    for expected in (1, 2, 3):
+        running_pods(cluster, ns, "telechat.io/inference-name=flaky", 2)
+        cluster.kubectl("annotate", "pod", "flaky-g0-1", "-n", ns, "telechat.io/fake-phase=Failed", "--overwrite")
+
+        def backing_off(expected: int = expected) -> dict[str, Any] | None:
+            operator.alive()
+            obj = get(cluster, ns, "telechatinference", "flaky")
+            entries = (obj.get("status") or {}).get("groupBackoff") or []
+            return entries[0] if entries and entries[0]["failures"] == expected else None
+
+        failures.append(wait_for(backing_off, f"group 0 failure {expected} recorded", timeout=60))
+    # Each wait doubles (the harness's base is 0.5 s, capped at 2 s), and from the second failure on the group is
+    # reported as crash-looping.
+    waits = [
+        datetime.strptime(f["nextAttemptTime"], "%Y-%m-%dT%H:%M:%SZ") for f in failures
+    ]  # whole seconds: only the order is checked
+    assert waits == sorted(waits)
+    assert "CrashLoopBackOff" in events(cluster, ns, "flaky")
+    obj = get(cluster, ns, "telechatinference", "flaky")
+    assert obj["status"]["groupRestarts"] >= 3
+    # Recreated after the backoff, the group serves again; its failures are forgotten only once it stayed up
+    # TELECHAT_OPERATOR_GROUP_STABLE_SECONDS (600 s by default, unit-tested).
+    obj = wait_ready(cluster, operator, ns, "flaky", replicas=1)
+    assert obj["status"]["groupBackoff"][0]["failures"] == 3

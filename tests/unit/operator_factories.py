@@ -26,6 +26,8 @@ FAKE_DEFAULTS = {
             "gradient_aggregation_group": 4,
         },
         env={},
+        num_layers=2,
+        model_parallel_divisor=2,
     ),
     "telechat2-7b": ModelDefaults(
         nodes=1,
@@ -39,6 +41,8 @@ FAKE_DEFAULTS = {
             "gradient_aggregation_group": 4,
         },
         env={"ENABLE_CELL_REUSE": "1", "GE_NOT_CUT": "1"},
+        num_layers=30,
+        model_parallel_divisor=32,
     ),
     "telechat2-39b-a12b": ModelDefaults(
         nodes=2,
@@ -53,6 +57,8 @@ FAKE_DEFAULTS = {
             "expert_parallel": 2,
         },
         env={},
+        num_layers=30,
+        model_parallel_divisor=32,
     ),
 }
 
@@ -100,6 +106,10 @@ def worker(rank: int, attempt: int = 1, phase: str = "Running", job: str = "ft",
     return PodView(
         name=f"{job}-a{attempt}-rank-{rank}", role=c.ROLE_WORKER, attempt=attempt, rank=rank, phase=phase, **extra
     )
+
+
+def init_pod(phase: str = "Running", job: str = "ft", **extra: Any) -> PodView:
+    return PodView(name=f"{job}-init", role=c.ROLE_INITIALIZER, attempt=1, rank=None, phase=phase, **extra)
 
 
 def merge_pod(index: int = 1, phase: str = "Running", job: str = "ft", **extra: Any) -> PodView:

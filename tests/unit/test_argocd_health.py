@@ -235,7 +235,7 @@ def test_inference_rolling_update_is_progressing_even_while_ready() -> None:
     )
 
 
-@pytest.mark.parametrize("reason", ["InvalidSpec", "FinetuneFailed", "ProgressDeadlineExceeded"])
+@pytest.mark.parametrize("reason", ["InvalidSpec", "FinetuneFailed", "ModelMismatch", "ProgressDeadlineExceeded"])
 def test_inference_failure_is_degraded(reason: str) -> None:
     status = {
         "observedGeneration": 1,

@@ -496,3 +496,13 @@ def test_peering_ships_kopfs_crds_and_creates_the_peering_object_for_the_scope(h
     assert namespaced["metadata"]["namespace"] == "llm"
     args = operator_container(docs)["args"]
     assert "--peering=telechat-operator" in args
+
+
+def test_allowed_host_paths_reach_the_operator_environment(helm: Path) -> None:
+    def allowed(*args: str) -> str:
+        env = {e["name"]: e.get("value") for e in operator_container(render(helm, OPERATOR_CHART, *args))["env"]}
+        return env["TELECHAT_OPERATOR_ALLOWED_HOSTPATHS"]
+
+    assert allowed() == ""
+    assert allowed("--set", "hostPaths.allowed={/mnt/telechat,/data}") == "/mnt/telechat,/data"
+    assert "hostPaths" in render_error(helm, OPERATOR_CHART, "--set", "hostPaths.allowed={relative}")

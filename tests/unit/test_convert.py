@@ -16,7 +16,7 @@ from telechat2.config import TeleChat2Config
 from telechat2.convert import convert_hf_to_ms
 from telechat2.convert_reversed import convert_ms_to_hf, parse_size
 from telechat2.weights import hf_config_dict, hf_shapes, ms_shapes
-from tests.unit.tiny_model import tiny_config
+from tests.unit.tiny_model import save_tiny_checkpoint, tiny_config
 
 
 def make_hf_checkpoint(directory: Path, config: TeleChat2Config, dtype: str = "float32", files: int = 2, seed=0):
@@ -315,3 +315,111 @@ def test_torch_bin_without_torch_says_what_to_do(tmp_path):
     (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(CheckpointError, match="pytorch_model.*need torch"):
         convert_hf_to_ms(tmp_path / "hf", tmp_path / "x.ckpt", tiny_config())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_convert_rejects_non_finite_values_naming_the_tensor(tmp_path, bad):
+    config = tiny_config()
+    tensors = make_hf_checkpoint(tmp_path / "hf", config, files=1)
+    tensors["transformer.h.1.self_attention.key_value.weight"][7, 3] = bad
+    save_file(tensors, str(tmp_path / "hf" / "model-0.safetensors"))
+    for qkv_concat in (False, True):
+        with pytest.raises(CheckpointError) as err:
+            convert_hf_to_ms(tmp_path / "hf", tmp_path / "out.ckpt", config, qkv_concat=qkv_concat)
+        assert "transformer.h.1.self_attention.key_value.weight (in model-0.safetensors, for model.layers.1." in str(
+            err.value
+        )
+        assert "has 1 non-finite value(s) (NaN/Inf)" in str(err.value)
+        assert not list(tmp_path.glob("out.ckpt*"))
+    args = ["convert", "--torch_path", str(tmp_path / "hf"), "--mindspore_path", str(tmp_path / "o.ckpt")]
+    assert cli.main(args) == 1
+    assert not list(tmp_path.glob("o.ckpt*"))
+
+
+def test_convert_names_a_cast_that_overflows(tmp_path):
+    config = tiny_config()
+    tensors = make_hf_checkpoint(tmp_path / "hf", config, files=1)
+    tensors["lm_head.weight"][0, 0] = 1e6  # finite in float32, Inf in float16
+    save_file(tensors, str(tmp_path / "hf" / "model-0.safetensors"))
+    with pytest.raises(CheckpointError, match=r"lm_head.weight .*: 1 value\(s\) overflow float16 .*wider --dtype"):
+        convert_hf_to_ms(tmp_path / "hf", tmp_path / "out.ckpt", config, dtype="float16")
+    assert not list(tmp_path.glob("out.ckpt*"))
+
+
+def test_bfloat16_non_finite_is_found(tmp_path):
+    config = tiny_config()
+    tensors = make_hf_checkpoint(tmp_path / "hf", config, dtype="bfloat16", files=1)
+    tensors["transformer.ln_f.weight"][5] = np.nan
+    save_file(tensors, str(tmp_path / "hf" / "model-0.safetensors"))
+    with pytest.raises(CheckpointError, match=r"transformer.ln_f.weight .*non-finite"):
+        convert_hf_to_ms(tmp_path / "hf", tmp_path / "out.ckpt", config, dtype="keep")
+
+
+@pytest.mark.parametrize("qkv_concat", [False, True])
+def test_reversed_rejects_non_finite_values_naming_the_tensor(tmp_path, qkv_concat):
+    config = tiny_config()
+    make_hf_checkpoint(tmp_path / "hf", config, files=1)
+    convert_hf_to_ms(tmp_path / "hf", tmp_path / "good.ckpt", config, qkv_concat=qkv_concat)
+    reader = CkptReader(tmp_path / "good.ckpt")
+    target = "model.layers.0.attention.w_qkv.weight" if qkv_concat else "model.layers.0.attention.wk_v.weight"
+    with CkptWriter(tmp_path / "bad.ckpt") as writer:
+        for name, value in reader.iter_tensors():
+            if name == target:
+                value = value.copy()
+                value[-1, -1] = np.inf  # the last V row: lands in key_value
+            writer.write(name, value.shape, value.dtype, [value])
+    with pytest.raises(CheckpointError) as err:
+        convert_ms_to_hf(tmp_path / "bad.ckpt", tmp_path / "back", config)
+    assert f"transformer.h.0.self_attention.key_value.weight (from {target} in " in str(err.value)
+    assert "has 1 non-finite value(s) (NaN/Inf)" in str(err.value)
+    assert not (tmp_path / "back").exists() and not list(tmp_path.glob(".back.partial-*"))
+
+
+def test_non_finite_counts_across_chunks(monkeypatch):
+    import telechat2.checkpoint_io as checkpoint_io
+
+    monkeypatch.setattr(checkpoint_io, "FINITE_CHECK_VALUES", 7)
+    values = np.zeros((5, 9), np.float32)
+    values[2, 1], values[4, 8] = np.nan, -np.inf
+    assert checkpoint_io.non_finite(values) == (2, 19)
+    assert checkpoint_io.non_finite(values.astype(numpy_dtype("bfloat16"))) == (2, 19)
+    assert checkpoint_io.non_finite(np.zeros(3, np.float32)) is None
+    assert checkpoint_io.non_finite(np.arange(3)) is None  # integers are never non-finite
+
+
+# Keys the official code reads from config.json (Tele-AI/TeleChat2): the arguments of `Telechat2Config.__init__`
+# in configuration_telechat2.py, and the attributes modeling_telechat2.py reads that the config class does not
+# define (`RotaryEmbedding.get_ntk_alpha`: config.base_seqlen; `TelechatAttention.forward`: config.flash_attn).
+OFFICIAL_CONFIG_KEYS = {
+    "vocab_size", "hidden_size", "n_layer", "n_head", "layer_norm_epsilon", "initializer_range", "use_cache",
+    "bos_token_id", "eos_token_id", "apply_residual_connection_post_layernorm", "hidden_dropout",
+    "attention_dropout", "ffn_hidden_size", "training_seqlen", "logn", "embed_layernorm", "num_key_value_heads",
+    "hidden_act", "base_seqlen", "flash_attn",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["keep", "bfloat16"])
+def test_convert_reversed_without_config_json_writes_a_config_the_official_code_loads(tmp_path, capsys, dtype):
+    from telechat2.convert import architecture_from_hf_config
+
+    _, checkpoint = save_tiny_checkpoint(tmp_path / "tiny.ckpt", seed=3)
+    argv = ["convert-reversed", "--mindspore_path", str(checkpoint), "--torch_path", str(tmp_path / "hf")]
+    assert cli.main([*argv, "--model", "telechat2-tiny", "--dtype", dtype]) == 0, capsys.readouterr().err
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert not OFFICIAL_CONFIG_KEYS - set(written), OFFICIAL_CONFIG_KEYS - set(written)
+    assert written["auto_map"] == {
+        "AutoConfig": "configuration_telechat2.Telechat2Config",
+        "AutoModelForCausalLM": "modeling_telechat2.Telechat2ForCausalLM",
+    }
+    assert written["model_type"] == "telechat" and written["architectures"] == ["TeleChat2ForCausalLM"]
+    tiny = tiny_config()
+    assert (written["n_layer"], written["n_head"], written["num_key_value_heads"]) == (2, 4, 2)
+    assert (written["ffn_hidden_size"], written["training_seqlen"], written["base_seqlen"]) == (128, 64, 64)
+    assert written["embed_layernorm"] is False and written["apply_residual_connection_post_layernorm"] is False
+    assert written["tie_word_embeddings"] is False and written["hidden_dropout"] == 0.0
+    assert written["torch_dtype"] == ("float32" if dtype == "keep" else "bfloat16")
+    assert written["flash_attn"] is (dtype == "bfloat16")  # the official flash path needs half precision
+    architecture = architecture_from_hf_config(written)
+    assert (architecture.hidden_size, architecture.num_layers, architecture.n_kv_heads) == (
+        tiny.hidden_size, tiny.num_layers, tiny.n_kv_heads,
+    )  # fmt: skip

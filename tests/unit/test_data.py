@@ -299,3 +299,100 @@ def test_many_bad_lines_stop_reading_early(tiny_tokenizer_file, tmp_path) -> Non
     path = write_jsonl(tmp_path / "train.jsonl", [RECORDS[2]] + ["{bad"] * 250)
     with pytest.raises(data.PreprocessError, match=r"^at least 201 malformed line\(s\): line 2: invalid JSON"):
         data.preprocess(path, tiny_tokenizer_file, 128, tmp_path / "o")
+
+
+# -- hostile input -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('{"input": "q\\ud800x", "output": "a"}', r"field 'input' holds a lone surrogate \\ud800 at character 1"),
+        ('{"input": "q", "output": "\\udfff"}', r"field 'output' holds a lone surrogate \\udfff at character 0"),
+        ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
+        ('{"input": ' + '{"a": ' * 100_000 + "1" + "}" * 100_001, "JSON nested too deeply"),
+    ],
+    ids=["surrogate-in-input", "surrogate-in-output", "nested-arrays", "nested-objects"],
+)
+def test_hostile_records_name_the_line(line: str, reason: str) -> None:
+    with pytest.raises(data.BadLine, match=r"^line 3: " + reason):
+        data.parse_record(line, "3")
+
+
+def test_a_valid_surrogate_pair_is_text() -> None:
+    assert data.parse_record('{"input": "\\ud83d\\ude00", "output": "a"}', "1") == [("\U0001f600", "a")]
+
+
+def test_hostile_lines_fail_the_run_naming_them(tiny_tokenizer_file, tmp_path, capsys) -> None:
+    path = write_jsonl(
+        tmp_path / "train.jsonl",
+        [RECORDS[2], '{"input": "q\\ud800", "output": "a"}', "[" * 50_000 + "]" * 50_000, RECORDS[1]],
+    )
+    argv = ["preprocess", "--input_dataset_file", str(path), "--vocab_file_path", str(tiny_tokenizer_file)]
+    assert main([*argv, "--output_path", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "line 2: field 'input' holds a lone surrogate" in err and "line 3: JSON nested too deeply" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_utf8_bom_opening_a_line_is_accepted(tiny_tokenizer_file, tiny_tokenizer, tmp_path) -> None:
+    body = "".join("\ufeff" + json.dumps(r, ensure_ascii=False) + "\n" for r in RECORDS)  # a BOM on every line
+    (tmp_path / "bom.jsonl").write_text(body, encoding="utf-8")
+    write_jsonl(tmp_path / "plain.jsonl", RECORDS)
+    data.preprocess(tmp_path / "bom.jsonl", tiny_tokenizer_file, 128, tmp_path / "bom.mindrecord")
+    data.preprocess(tmp_path / "plain.jsonl", tiny_tokenizer_file, 128, tmp_path / "plain.mindrecord")
+    bom, plain = read_mindrecord(tmp_path / "bom.mindrecord"), read_mindrecord(tmp_path / "plain.mindrecord")
+    assert len(bom) == len(plain) and all(np.array_equal(a[0], b[0]) for a, b in zip(bom, plain, strict=True))
+
+
+def test_a_vocab_that_is_not_sentencepiece_is_named(tmp_path, capsys) -> None:
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps({"<_unk>": 0, "<_start>": 1}))
+    with pytest.raises(ValueError, match=rf"{vocab} is not a sentencepiece tokenizer.model"):
+        tk.TeleChat2Tokenizer(vocab)
+    path = write_jsonl(tmp_path / "train.jsonl", RECORDS)
+    argv = ["preprocess", "--input_dataset_file", str(path), "--vocab_file_path", str(vocab)]
+    assert main([*argv, "--output_path", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"--vocab_file_path: {vocab} is not a sentencepiece tokenizer.model" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_over_long_line_is_refused_before_parsing_naming_it(tiny_tokenizer_file, tmp_path, monkeypatch) -> None:
+    huge = json.dumps({"input": "word " * 2000, "output": "a"})  # ~10 kB
+    path = write_jsonl(tmp_path / "train.jsonl", [RECORDS[2], huge, RECORDS[1]])
+    parsed: list[str] = []
+    real_parse = data.parse_record
+    monkeypatch.setattr(data, "parse_record", lambda line, where: parsed.append(where) or real_parse(line, where))
+    with pytest.raises(data.PreprocessError) as raised:
+        data.preprocess(path, tiny_tokenizer_file, 128, tmp_path / "o", max_line_bytes=4096)
+    assert f"line 2: line of {len(huge.encode())} bytes is longer than --max-line-bytes 4096" in str(raised.value)
+    assert parsed == ["1", "3"]  # the long line was never handed to the JSON parser
+    report = data.preprocess(path, tiny_tokenizer_file, 128, tmp_path / "o", max_line_bytes=4096, skip_bad_lines=True)
+    assert report.samples == 2 and [b.where for b in report.bad_lines] == ["2"]
+    report = data.preprocess(path, tiny_tokenizer_file, 8192, tmp_path / "o2", max_line_bytes=len(huge.encode()))
+    assert report.samples == 3 and not report.bad_lines  # exactly the limit is accepted
+
+
+def test_line_limit_reads_the_long_line_in_pieces(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(data, "_READ_CHUNK", 64)
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"x" * 1000 + b"\n" + b"short\n" + b"y" * 300)  # last line over-long and without a newline
+    lines = list(data.read_lines([path], max_line_bytes=100))
+    assert [w for w, _ in lines] == ["1", "2", "3"]
+    assert isinstance(lines[0][1], data.BadLine) and "line of 1000 bytes" in str(lines[0][1])
+    assert lines[1][1] == "short\n"
+    assert isinstance(lines[2][1], data.BadLine) and "line of 300 bytes" in str(lines[2][1])
+
+
+def test_max_line_bytes_flag(tiny_tokenizer_file) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    data.configure_parser(parser)
+    base = ["--input_dataset_file", "x", "--vocab_file_path", "t", "--output_path", "o"]
+    assert parser.parse_args(base).max_line_bytes == data.DEFAULT_MAX_LINE_BYTES == 4 * 2**20
+    assert parser.parse_args([*base, "--max-line-bytes", "64MiB"]).max_line_bytes == 64 * 2**20
+    assert parser.parse_args([*base, "--max_line_bytes", "1000"]).max_line_bytes == 1000
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--max-line-bytes", "lots"])

@@ -148,3 +148,55 @@ def test_describe_does_not_import_mindspore() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert json.loads(out)["parameters"] * 4 == HF_115B_BYTES
+
+
+def _plan(model: str, devices: int, per_node: int = 8, fixed=None, seq_length=None) -> describe.LayoutPlan:
+    return describe.plan_layout(
+        configs.architecture(model), describe.base_layout(model, seq_length), devices, per_node, fixed
+    )
+
+
+@pytest.mark.parametrize("model", configs.list_models())
+def test_planner_keeps_every_models_default_layout_on_its_default_nodes(model: str) -> None:
+    defaults = configs.model_defaults(model)
+    plan = _plan(model, defaults.devices, defaults.devices_per_node)
+    assert plan.source == "ModelDefault" and plan.memory.fits
+    assert plan.layout == describe.layout_from_config(configs.load_config(model, "finetune"))
+
+
+def test_planner_completes_a_layout_that_fits_memory_and_suits_the_architecture() -> None:
+    plan = _plan("telechat2-35b", 64)  # the default layout is for 16 devices
+    layout = plan.layout
+    assert plan.source == "Planned" and layout.devices == 64
+    assert plan.memory.total <= describe.PLAN_FIT_FRACTION * plan.memory.device_bytes
+    assert describe.layout_problems(configs.architecture("telechat2-35b"), layout) == []
+    assert layout.model_parallel <= 8  # tensor parallelism within one node
+    # The least sharded split that fits: every split with less mp x pp runs out of memory.
+    arch = configs.architecture("telechat2-35b")
+    base = describe.base_layout("telechat2-35b")
+    for mp in (1, 2, 4, 8, 16):
+        for pp in (1, 2, 4, 8, 16, 32, 64):
+            if mp * pp < layout.model_parallel * layout.pipeline_stage and 64 % (mp * pp) == 0:
+                smaller = describe._completed(base, arch, 64 // (mp * pp), mp, pp, None)
+                estimate = describe.estimate_memory(arch, smaller)
+                fits = estimate.total <= describe.PLAN_FIT_FRACTION * estimate.device_bytes
+                assert not fits or describe.layout_problems(arch, smaller) or mp > 8, (mp, pp)
+
+
+def test_planner_keeps_fixed_degrees_and_says_why_nothing_fits() -> None:
+    plan = _plan("telechat2-7b", 16, fixed={"model_parallel": 2})
+    assert plan.layout.model_parallel == 2 and plan.layout.devices == 16
+    with pytest.raises(configs.ConfigError, match="fits 64 GiB per NPU.*smallest estimate"):
+        _plan("telechat2-115b", 16)
+    with pytest.raises(configs.ConfigError, match="pipeline_stage at most 2"):
+        _plan("telechat2-tiny", 4, 1, fixed={"pipeline_stage": 4})
+    full = _plan("telechat2-tiny", 2, 1, fixed={"data_parallel": 1, "model_parallel": 2, "pipeline_stage": 1})
+    assert full.source == "Spec" and full.layout.model_parallel == 2
+
+
+def test_layout_problems_name_each_broken_rule() -> None:
+    arch = configs.architecture("telechat2-tiny")
+    problems = describe.layout_problems(arch, describe.Layout(model_parallel=3, pipeline_stage=3, micro_batch_num=1))
+    assert any("model_parallel 3 does not divide num_heads 4" in p for p in problems)
+    assert any("pipeline_stage 3 exceeds num_layers 2" in p for p in problems)
+    assert any("micro_batch_num 1 must be >= pipeline_stage 3" in p for p in problems)

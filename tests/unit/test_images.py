@@ -193,3 +193,19 @@ def test_reader_joins_continuations_and_skips_comments(tmp_path: Path) -> None:
     assert [i.keyword for i in instructions] == ["FROM", "RUN", "ENTRYPOINT"]
     assert instructions[1].arguments == "a && b"
     assert exec_form(instructions[2]) == ["p", "q"]
+
+
+def test_operator_deployment_runs_as_the_images_user_with_a_writable_tmp() -> None:
+    """operator/deploy/deployment.yaml must run as the Dockerfile's USER and, with a read-only root, mount /tmp."""
+    import yaml
+
+    final_stage = read_instructions(DOCKERFILES["operator"])
+    user, group = [i.arguments for i in final_stage if i.keyword == "USER"][-1].split(":")
+    deployment = yaml.safe_load((REPO / "operator" / "deploy" / "deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (int(user), int(group))
+    (container,) = pod["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+    assert {"name": tmp["name"], "emptyDir": {}} in pod["volumes"]
+    assert "TELECHAT_OPERATOR_ALLOWED_HOSTPATHS" in {e["name"] for e in container["env"]}

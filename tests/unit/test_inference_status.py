@@ -279,3 +279,23 @@ def test_finetune_without_a_volume_for_the_checkpoint_adds_none() -> None:
 def test_finetune_of_routes_finetune_events() -> None:
     assert finetune_of(inference_body(checkpoint={"fromFinetune": "ft"})) == "ft"
     assert finetune_of(inference_body()) is None
+
+
+@pytest.mark.parametrize("state", ["Running", "Succeeded"])
+def test_a_finetune_of_another_model_is_refused_not_served(state: str) -> None:
+    """tcinf telechat2-35b from a telechat2-7b finetune: a condition saying so, never a workload."""
+    spec = inference_spec(model="telechat2-35b", checkpoint={"fromFinetune": "ft"})
+    gate = resolve_finetune_checkpoint(spec, finetune(state, checkpoint=CKPT, model="telechat2-7b", **OUTPUT_SPEC))
+    assert isinstance(gate, Gate)
+    assert (gate.reason, gate.waiting) == (ic.REASON_MODEL_MISMATCH, False)
+    assert "telechat2-7b" in gate.message and "telechat2-35b" in gate.message and "fromFinetune" in gate.message
+    status = compute_status({}, generation=3, now=T0, selector="s", gate=gate)
+    assert conditions(status)["Ready"] == ("False", ic.REASON_MODEL_MISMATCH)
+    assert conditions(status)["Progressing"] == ("False", ic.REASON_MODEL_MISMATCH)
+    assert transition_events({}, status)[0].type == "Warning"
+
+
+def test_a_finetune_of_the_same_model_is_served() -> None:
+    spec = inference_spec(model="telechat2-7b", checkpoint={"fromFinetune": "ft"})
+    resolved = resolve_finetune_checkpoint(spec, finetune("Succeeded", checkpoint=CKPT, model="telechat2-7b"))
+    assert isinstance(resolved, ResolvedCheckpoint)

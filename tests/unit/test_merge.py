@@ -10,6 +10,8 @@ strategy), so the merge is tested on MindSpore's real shard format and must give
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pytest
 
 from telechat2 import cli
 from telechat2.checkpoint_io import CheckpointError, CkptReader, CkptWriter
+from telechat2.manifest import write_manifest
 from telechat2.merge import merge
 from telechat2.weights import ms_shapes
 from tests.unit.tiny_model import tiny_config
@@ -268,3 +271,133 @@ def test_bfloat16_shards_merge_exactly(tmp_path):
     for name, value in full.items():
         assert reader.entries[name].tensor_type == "BFloat16"
         assert reader.read(name).tobytes() == value.tobytes()
+
+
+# --- shard integrity: checksum manifests and replica comparison ----------------------------------------------------
+
+
+def flip_payload_byte(path: Path, tensor: str) -> None:
+    """Flip one bit in the middle of a tensor's bytes (its payload, not the protobuf framing), keeping the file's
+    size and modification time, as silent on-disk corruption would."""
+    entry = CkptReader(path).entries[tensor]
+    offset, length = entry.slices[0]
+    stat = path.stat()
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[offset + length // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def shard_files(output: Path) -> list[Path]:
+    return sorted((output / "checkpoint").glob("rank_*/*.ckpt"))
+
+
+def test_flipped_payload_byte_fails_against_the_manifest_naming_the_file(tp_run, tmp_path):
+    output = copy_run(tp_run[0], tmp_path)
+    for shard in shard_files(output):
+        write_manifest(shard)
+    shard = next((output / "checkpoint" / "rank_2").glob("*.ckpt"))
+    flip_payload_byte(shard, "model.layers.1.feed_forward.w2.weight")
+    assert CkptReader(shard).entries  # the framing is intact: only the checksum can tell
+    assert_fails(output, tmp_path / "dst", rf"{re.escape(str(shard))} does not match its checksum manifest .*corrupt")
+
+
+def test_manifests_are_verified_and_reported(tp_run, tmp_path, capsys):
+    output = copy_run(tp_run[0], tmp_path)
+    for shard in shard_files(output):
+        write_manifest(shard)
+    summary = merge(output / "checkpoint", tmp_path / "m", "t", output / "strategy")
+    assert summary["checksums_verified"] == 4 and summary["warnings"] == []
+    assert_equals_full(Path(summary["path"]), tp_run[1])
+    args = ["merge", "--src_ckpt_strategy", str(output / "strategy"), "--src_ckpt_dir", str(output / "checkpoint")]
+    assert cli.main([*args, "--dst_ckpt_dir", str(tmp_path / "m2")]) == 0
+    captured = capsys.readouterr()
+    assert "4 of 4 shards matched their sha256 manifests" in captured.out
+    assert "warning" not in captured.err
+
+
+def test_without_manifests_a_flipped_byte_is_caught_by_the_replica(tp_run, tmp_path, capsys):
+    output = copy_run(tp_run[0], tmp_path)
+    # data 2 x model 2: ranks 0 and 2 hold the same slices, as do ranks 1 and 3
+    rank1 = next((output / "checkpoint" / "rank_1").glob("*.ckpt"))
+    rank3 = next((output / "checkpoint" / "rank_3").glob("*.ckpt"))
+    name = "model.layers.0.attention.wq.weight"
+    assert CkptReader(rank1).read(name).tobytes() == CkptReader(rank3).read(name).tobytes()
+    flip_payload_byte(rank3, name)
+    assert_fails(output, tmp_path / "dst", rf"{re.escape(name)} differs between rank_1 .* and rank_3 .*corrupt")
+    args = ["merge", "--src_ckpt_strategy", str(output / "strategy"), "--src_ckpt_dir", str(output / "checkpoint")]
+    assert cli.main([*args, "--dst_ckpt_dir", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err
+    assert "differs between rank_1" in err and not (tmp_path / "m").exists()
+
+
+def test_without_manifests_merge_warns(tp_run, tmp_path, capsys):
+    output = copy_run(tp_run[0], tmp_path)
+    write_manifest(next((output / "checkpoint" / "rank_0").glob("*.ckpt")))
+    summary = merge(output / "checkpoint", tmp_path / "m", "t", output / "strategy")
+    assert summary["checksums_verified"] == 1
+    assert summary["warnings"] == [
+        "no checksum manifest (.ckpt.sha256) for rank_1, rank_2, rank_3: a corrupted byte in those shards is caught "
+        "only where another rank holds a replica of the same data"
+    ]
+
+
+def test_replica_groups_follow_the_device_matrix(tp_run):
+    from telechat2.merge import merge_strategy_files, read_layouts, replica_groups
+
+    root = tp_run[0]
+    work = root / "groups"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    layouts = read_layouts(merge_strategy_files(root / "output" / "strategy", work))
+    column = layouts["model.layers.0.attention.wq.weight"][0]
+    assert replica_groups(column, range(4)) == [[0, 2], [1, 3]]
+    replicated = layouts["model.norm_out.weight"][0]
+    assert replica_groups(replicated, range(4)) == [[0, 1, 2, 3]]
+    shutil.rmtree(work)
+
+
+def test_data_parallel_flipped_byte_is_caught_with_or_without_manifests(tmp_path):
+    shapes = ms_shapes(tiny_config())
+    rng = np.random.default_rng(5)
+    weights = {n: rng.standard_normal(s, dtype=np.float32) for n, s in shapes.items()}
+    for rank in (0, 1):
+        write_replica(tmp_path / "src" / f"rank_{rank}" / "a-1_1.ckpt", weights)
+    shard = tmp_path / "src" / "rank_1" / "a-1_1.ckpt"
+    flip_payload_byte(shard, "model.layers.1.attention.wo.weight")
+    with pytest.raises(CheckpointError, match=r"model.layers.1.attention.wo.weight differs .* corrupt"):
+        merge(tmp_path / "src", tmp_path / "dst", "x")
+    for rank in (0, 1):
+        write_manifest(tmp_path / "src" / f"rank_{rank}" / "a-1_1.ckpt")
+    (tmp_path / "src" / "rank_1" / "a-1_1.ckpt.sha256").write_text(
+        (tmp_path / "src" / "rank_0" / "a-1_1.ckpt.sha256").read_text()  # the digest of the intact copy
+    )
+    with pytest.raises(CheckpointError, match=r"rank_1/a-1_1.ckpt does not match its checksum manifest"):
+        merge(tmp_path / "src", tmp_path / "dst", "x")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_malformed_manifest_is_named(tmp_path):
+    shapes = ms_shapes(tiny_config())
+    write_replica(tmp_path / "src" / "rank_0" / "a.ckpt", {n: np.ones(s, np.float32) for n, s in shapes.items()})
+    (tmp_path / "src" / "rank_0" / "a.ckpt.sha256").write_text("not a digest\n")
+    with pytest.raises(CheckpointError, match=r"checksum manifest .*a.ckpt.sha256 is malformed"):
+        merge(tmp_path / "src", tmp_path / "dst", "x")
+def test_merge_copies_the_tokenizer_where_serving_looks_for_it(tmp_path, capsys):
+    """`telechat2 merge --vocab_file` puts tokenizer.model beside the merged checkpoint (the default vocabFile of a
+    TeleChatInference served from the finetune); a missing one is reported and the merge still succeeds."""
+    shapes = ms_shapes(tiny_config())
+    weights = {n: np.ones(s, np.float32) for n, s in shapes.items()}
+    for rank in (0, 1):
+        write_replica(tmp_path / "src" / f"rank_{rank}" / f"t_rank_{rank}-1_1.ckpt", weights)
+    tokenizer = tmp_path / "base" / "tokenizer.model"
+    tokenizer.parent.mkdir()
+    tokenizer.write_bytes(b"sentencepiece bytes")
+    args = ["merge", "--src_ckpt_dir", str(tmp_path / "src"), "--prefix", "t", "--vocab_file"]
+    assert cli.main([*args, str(tokenizer), "--dst_ckpt_dir", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "rank_0" / "tokenizer.model").read_bytes() == b"sentencepiece bytes"
+    assert sorted(p.name for p in (tmp_path / "merged" / "rank_0").iterdir()) == ["t0.ckpt", "tokenizer.model"]
+    assert cli.main([*args, str(tmp_path / "nowhere.model"), "--dst_ckpt_dir", str(tmp_path / "m2")]) == 0
+    assert "no tokenizer copied" in capsys.readouterr().err
+    assert (tmp_path / "m2" / "rank_0" / "t0.ckpt").is_file()

@@ -14,7 +14,9 @@ from telechat2.modeling import (
     TeleChat2MoE,
     TeleChat2RMSNorm,
     apply_rotary_pos_emb,
+    capacity_keep_mask,
     dynamic_ntk_base_and_mscale,
+    expert_capacity,
     load_balancing_loss,
     rotary_cos_sin,
 )
@@ -117,8 +119,12 @@ def test_dynamic_ntk_base_and_mscale_follow_the_formula():
     assert dynamic_ntk_base_and_mscale(32768, cfg)[0] == pytest.approx(10000 * 7 ** (128 / 126))
     # within the trained length: L = max(seq, training) = 8192 -> alpha = 2^1 - 1 = 1, no scaling
     assert dynamic_ntk_base_and_mscale(4096, cfg) == (10000.0, 1.0)
-    # without DYNAMIC_NTK nothing changes, however long
-    assert dynamic_ntk_base_and_mscale(32768, tiny_config()) == (10000.0, 1.0)
+    # without DYNAMIC_NTK the same: the official model always applies it (its NTK branch is `if True:`)
+    assert dynamic_ntk_base_and_mscale(32768, tiny_config()) == dynamic_ntk_base_and_mscale(
+        32768, tiny_config(extend_method="DYNAMIC_NTK")
+    )
+    assert dynamic_ntk_base_and_mscale(32768, tiny_config())[0] == pytest.approx(10000 * 1023 ** (16 / 14))
+    assert dynamic_ntk_base_and_mscale(32, tiny_config()) == (10000.0, 1.0)  # within training_seqlen 64
 
 
 def test_model_rotary_tables_use_the_ntk_base_past_the_trained_length():
@@ -129,8 +135,7 @@ def test_model_rotary_tables_use_the_ntk_base_past_the_trained_length():
     mscale = 1 + 0.1 * math.log(2)
     position, i = 37, 5  # angle of position p, frequency pair i: p / base^(2i / D), repeated in both halves
     angle = position / base ** (2 * i / head_dim)
-    cos = model.model.rope_cos.asnumpy()
-    sin = model.model.rope_sin.asnumpy()
+    cos, sin = (table.asnumpy() for table in model.model.rotary(0, 64))  # a sequence of 64 tokens
     assert cos[position, i] == pytest.approx(math.cos(angle) * mscale, rel=1e-5)
     assert cos[position, i + head_dim // 2] == pytest.approx(math.cos(angle) * mscale, rel=1e-5)
     assert sin[position, i] == pytest.approx(math.sin(angle) * mscale, rel=1e-5)
@@ -264,17 +269,22 @@ def test_without_gqa_the_model_runs_and_caches_all_heads():
 # -- mixture of experts ------------------------------------------------------------------------------------------------
 
 
-def _numpy_moe(x: np.ndarray, params: dict[str, np.ndarray], top_k: int) -> tuple[np.ndarray, float]:
-    """Reference: softmax router, top-k, renormalised weights, SwiGLU experts with down bias, Switch aux loss."""
+def _numpy_moe(
+    x: np.ndarray, params: dict[str, np.ndarray], top_k: int, capacity: int | None = None
+) -> tuple[np.ndarray, float]:
+    """Reference: softmax router, top-k, renormalised weights, SwiGLU experts with down bias, Switch aux loss;
+    with `capacity`, choices over it dropped (`_numpy_keep`) and the kept weights left as they are."""
     tokens = x.reshape(-1, x.shape[-1]).astype(np.float64)
     scores = tokens @ params["router.dense.weight"].T
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     out = np.zeros_like(tokens)
     chosen = np.zeros_like(probs)
+    tops = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
+    keep = np.ones(tops.shape) if capacity is None else _numpy_keep(tops, probs.shape[-1], capacity)
     for m, row in enumerate(probs):
-        top = np.argsort(-row)[:top_k]
-        weights = row[top] / row[top].sum()
+        top = tops[m]
+        weights = row[top] / row[top].sum() * keep[m]
         chosen[m, top] = 1
         for e, w in zip(top, weights, strict=True):
             gate = tokens[m] @ params["ffn.w1.weight"][e].T
@@ -295,6 +305,89 @@ def test_moe_layer_matches_a_numpy_reference_with_renormalised_top_k():
     expected_out, expected_aux = _numpy_moe(x, params, top_k=2)
     np.testing.assert_allclose(out.asnumpy(), expected_out, rtol=1e-4, atol=1e-5)
     assert float(aux.asnumpy()) == pytest.approx(expected_aux, rel=1e-5)
+
+
+# -- MoE capacity in training: MindFormers TopkRouterV2 (enable_sdrop False, the 39B-A12B yamls' router) ----------
+
+
+def _numpy_keep(top_experts: np.ndarray, num_experts: int, capacity: int) -> np.ndarray:
+    """MindFormers `_maskout_overflowed_tokens_sort_kdrop`, as loops: choices queued round by round (every token's
+    first choice, then every second one, ...), tokens in order; an expert keeps the first `capacity`."""
+    taken = np.zeros(num_experts, int)
+    keep = np.zeros(top_experts.shape)
+    for j in range(top_experts.shape[1]):
+        for m in range(top_experts.shape[0]):
+            taken[top_experts[m, j]] += 1
+            keep[m, j] = taken[top_experts[m, j]] <= capacity
+    return keep
+
+
+def test_expert_capacity_is_mindformers_formula():
+    assert expert_capacity(32, 2, 1.2, 4) == 20  # ceil(2 * 32 * 1.2 / 4)
+    assert expert_capacity(8192, 4, 1.2, 16) == 2458  # 39B-A12B, one 8192-token sequence
+    assert expert_capacity(3, 4, 1.2, 2) == 3  # never more than the tokens
+
+
+def test_capacity_keep_mask_serves_first_choices_first_then_tokens_in_order():
+    top = np.array([[0, 1], [0, 1], [0, 1], [1, 0], [0, 1], [0, 1]])
+    keep = capacity_keep_mask(ms.Tensor(top, ms.int32), 2, 3).asnumpy()
+    # expert 0 takes the first choices of tokens 0, 1, 2 (full); expert 1 token 3's first choice, then the second
+    # choices of tokens 0 and 1 (full); everything after is dropped
+    np.testing.assert_array_equal(keep, [[1, 1], [1, 1], [1, 0], [1, 0], [0, 0], [0, 0]])
+    rng = np.random.default_rng(40)
+    top = np.stack([rng.choice(8, 3, replace=False) for _ in range(50)])
+    keep = capacity_keep_mask(ms.Tensor(top, ms.int32), 8, 12).asnumpy()
+    np.testing.assert_array_equal(keep, _numpy_keep(top, 8, 12))
+    assert 0 < keep.sum() < keep.size
+
+
+def _skewed_moe(capacity_factor: float) -> tuple[TeleChat2MoE, dict[str, np.ndarray]]:
+    """Tiny MoE (4 experts, top 2) whose router sends most tokens to expert 0 first."""
+    moe = TeleChat2MoE(tiny_config(num_experts=4, num_experts_per_tok=2, capacity_factor=capacity_factor))
+    params = random_weights(moe, seed=41, std=0.2, bias_std=0.3)
+    params["router.dense.weight"][0] += 0.5  # x has a positive mean below: expert 0 scores highest
+    moe.router.dense.weight.set_data(ms.Tensor(params["router.dense.weight"]))
+    return moe, params
+
+
+def test_moe_drops_choices_over_capacity_in_training_and_nothing_in_inference():
+    moe, params = _skewed_moe(1.2)
+    x = (np.random.default_rng(42).standard_normal((2, 5, 64)) + 0.3).astype(np.float32)  # M = 10 tokens
+    eval_out = moe(ms.Tensor(x))[0].asnumpy()
+    np.testing.assert_allclose(eval_out, _numpy_moe(x, params, top_k=2)[0], rtol=1e-4, atol=1e-5)
+    moe.set_train(True)
+    train_out = moe(ms.Tensor(x))[0].asnumpy()
+    capacity = expert_capacity(10, 2, 1.2, 4)  # 6
+    expected = _numpy_moe(x, params, top_k=2, capacity=capacity)[0]
+    np.testing.assert_allclose(train_out, expected, rtol=1e-4, atol=1e-5)
+    dropped = np.abs(train_out - eval_out).reshape(10, 64).max(-1) > 1e-5
+    assert 0 < dropped.sum() < 10  # some tokens lost a choice: expert 0 took only its first 6 first choices
+    assert not dropped[:capacity].any()
+
+
+def test_a_token_that_loses_every_choice_gets_no_expert_output():
+    moe, params = _skewed_moe(0.2)  # capacity ceil(2 * 10 * 0.2 / 4) = 1 choice per expert
+    moe.set_train(True)
+    x = (np.random.default_rng(43).standard_normal((1, 10, 64)) + 0.3).astype(np.float32)
+    out = moe(ms.Tensor(x))[0].asnumpy()[0]
+    served = np.abs(out).max(-1) > 0
+    assert served.sum() <= 4 * 1 * 2  # at most capacity choices per expert, each serving one token
+    assert (~served).any()  # the others: exactly zero, the residual carries them
+    np.testing.assert_allclose(out, _numpy_moe(x, params, top_k=2, capacity=1)[0][0], rtol=1e-4, atol=1e-5)
+
+
+def test_moe_training_loss_with_capacity_dropping_differs_from_dropless():
+    """The figure in docs/notes/model.md: the same tiny MoE model and batch, loss in training mode at
+    capacity_factor 1.2 against capacity_factor 0 (no dropping)."""
+    losses = {}
+    for factor in (1.2, 0.0):
+        model = build_tiny_model(seed=44, num_experts=4, num_experts_per_tok=2, capacity_factor=factor)
+        model.set_train(True)
+        losses[factor] = float(
+            model(_ids(np.random.default_rng(45), (4, 64)), _ids(np.random.default_rng(45), (4, 64))).asnumpy()
+        )
+    assert losses[1.2] != pytest.approx(losses[0.0], abs=1e-6)
+    assert losses[1.2] == pytest.approx(losses[0.0], rel=0.05)  # a few choices dropped, not a different model
 
 
 def test_load_balancing_loss_is_one_when_balanced_and_larger_when_skewed():
@@ -337,3 +430,177 @@ def test_graph_mode_training_steps_reduce_the_loss(moe):
         ms.set_context(mode=ms.PYNATIVE_MODE)
     assert losses[0] == pytest.approx(pynative_loss, rel=1e-4)  # graph and PyNative compute the same loss
     assert losses[-1] < 0.7 * losses[0]
+
+
+# -- dynamic NTK as the official model computes it: per sequence length, prefill and every decoding step ------------
+#
+# Reference: Tele-AI/TeleChat2, model/115B/modeling_telechat.py (and llama_factory_training/modeling_telechat2.py),
+# `RotaryEmbedding.forward` and `TelechatAttention.forward`: seq_len = new tokens + cached ones, floored at
+# training_seqlen; alpha = max(2^ceil(log(seq_len / base_seqlen, 2) + 1) - 1, 1); base * alpha^(D / (D - 2));
+# mscale = 0.1 ln(seq_len / training_seqlen) + 1 past it; cos and sin times mscale; the new tokens take rows
+# offset.. of that table. Cached keys keep the rotation they got when computed.
+
+
+def _official_rotary(seq_len: int, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """The official RotaryEmbedding.forward(seq_len=seq_len) table in float64: cos, sin [max(seq_len, T_train), D]."""
+    seq_len = max(seq_len, cfg.training_seqlen)
+    context_value = math.log(seq_len / cfg.max_position_embedding, 2) + 1
+    ntk_alpha = max(2 ** math.ceil(context_value) - 1, 1)
+    scale = seq_len / cfg.training_seqlen
+    mscale = 1.0 if scale <= 1 else 0.1 * math.log(scale) + 1.0
+    dim = cfg.head_dim
+    base = 10000.0 * ntk_alpha ** (dim / (dim - 2))
+    inv_freq = 1.0 / base ** (np.arange(0, dim, 2) / dim)
+    emb = np.outer(np.arange(seq_len), inv_freq)
+    emb = np.concatenate([emb, emb], axis=-1)
+    return mscale * np.cos(emb), mscale * np.sin(emb)
+
+
+def _numpy_logits(ids: list[int], w: dict[str, np.ndarray], cfg, rotated_at: list[int], rotary=None) -> np.ndarray:
+    """TeleChat2 in numpy (all layers, float64) -> logits [T, V]; position p is rotated with the official table of a
+    sequence rotated_at[p] tokens long (the length when its query and key were computed), or `rotary(length)`'s."""
+    heads, kv_heads, dim = cfg.num_heads, cfg.n_kv_heads, cfg.head_dim
+    rotary = rotary or (lambda n: _official_rotary(n, cfg))
+    tables = {n: rotary(n) for n in set(rotated_at)}
+
+    def rms(x, weight):
+        return x / np.sqrt((x**2).mean(-1, keepdims=True) + cfg.rms_norm_eps) * weight
+
+    def rotate(x):  # x [T, heads, D]
+        cos = np.stack([tables[n][0][p] for p, n in enumerate(rotated_at)])[:, None]
+        sin = np.stack([tables[n][1][p] for p, n in enumerate(rotated_at)])[:, None]
+        return x * cos + np.concatenate([-x[..., dim // 2 :], x[..., : dim // 2]], axis=-1) * sin
+
+    x = w["model.tok_embeddings.embedding_weight"][ids].astype(np.float64)
+    length = len(ids)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        h = rms(x, w[p + "attention_norm.weight"])
+        q = rotate((h @ w[p + "attention.wq.weight"].T).reshape(length, heads, dim))
+        kv = (h @ w[p + "attention.wk_v.weight"].T).reshape(length, kv_heads, 2 * dim)
+        k, v = rotate(kv[..., :dim]), kv[..., dim:]
+        context = np.zeros((length, heads, dim))
+        for head in range(heads):
+            group = head // (heads // kv_heads)
+            scores = q[:, head] @ k[:, group].T / math.sqrt(dim)
+            scores[np.triu_indices(length, 1)] = -np.inf
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            context[:, head] = (probs / probs.sum(-1, keepdims=True)) @ v[:, group]
+        x = x + context.reshape(length, -1) @ w[p + "attention.wo.weight"].T + w[p + "attention.wo.bias"]
+        h = rms(x, w[p + "ffn_norm.weight"])
+        gate, up = h @ w[p + "feed_forward.w1.weight"].T, h @ w[p + "feed_forward.w3.weight"].T
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ w[p + "feed_forward.w2.weight"].T + w[p + "feed_forward.w2.bias"]
+    return rms(x, w["model.norm_out.weight"]) @ w["lm_head.weight"].T
+
+
+def _model(seed: int, **overrides):
+    model = TeleChat2ForCausalLM(tiny_config(**overrides))
+    weights = random_weights(model, seed)
+    model.set_train(False)
+    return model, weights
+
+
+def _cached_decode(model, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray]:
+    """Greedy: prefill (PyNative), then `steps` compiled static-cache steps -> (tokens, logits [steps + 1, V])."""
+    decoder = model.static_decoder()
+    logits, cache = model.forward(ms.Tensor([prompt], ms.int32), last_only=True)
+    keys, values = decoder.empty_cache(cache)
+    rows = [logits.asnumpy()[0, -1]]
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(np.argmax(rows[-1])))
+        logits, keys, values = decoder.step(ids[-1], len(ids) - 1, keys, values)
+        rows.append(logits.asnumpy()[0, -1])
+    return ids[len(prompt) :], np.stack(rows)
+
+
+def test_ntk_alpha_and_mscale_follow_the_current_length_floored_at_the_trained_one():
+    cfg = tiny_config(training_seqlen=16, max_position_embedding=16, seq_length=64)
+    for length in (1, 16, 17, 24, 32, 33, 64):
+        base, mscale = dynamic_ntk_base_and_mscale(length, cfg)
+        cos, sin = rotary_cos_sin(length, 16, base, mscale)
+        official_cos, official_sin = _official_rotary(length, cfg)
+        np.testing.assert_allclose(cos, official_cos[:length], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(sin, official_sin[:length], rtol=1e-6, atol=1e-7)
+    assert dynamic_ntk_base_and_mscale(16, cfg) == (10000.0, 1.0)
+    assert dynamic_ntk_base_and_mscale(24, cfg) == pytest.approx((10000 * 3 ** (16 / 14), 1 + 0.1 * math.log(1.5)))
+    assert dynamic_ntk_base_and_mscale(33, cfg)[0] == pytest.approx(10000 * 7 ** (16 / 14))  # log2(33/16)+1 > 2
+    # base_seqlen below the trained length: alpha > 1 even for short sequences, as the official code computes
+    assert dynamic_ntk_base_and_mscale(4, tiny_config(training_seqlen=32, max_position_embedding=16))[0] == (
+        pytest.approx(10000 * 3 ** (16 / 14))
+    )
+
+
+@pytest.mark.parametrize("extend_method", ["None", "DYNAMIC_NTK"])
+def test_a_long_seq_length_deployment_gives_short_prompts_the_trained_logits(extend_method):
+    """seq_length 32768 (training_seqlen 8192) must not change what an 8192 deployment computes on a short prompt."""
+    trained = {"training_seqlen": 8192, "max_position_embedding": 8192}
+    short, weights = _model(31, seq_length=8192, **trained)
+    long = TeleChat2ForCausalLM(tiny_config(seq_length=32768, extend_method=extend_method, **trained))
+    for name, param in long.parameters_and_names():
+        param.set_data(ms.Tensor(weights[name]))
+    long.set_train(False)
+    prompt = [1, 4, 57, 91, 230, 18, 77, 5]
+    expected = short.forward(ms.Tensor([prompt], ms.int32))[0].asnumpy()[0]
+    np.testing.assert_allclose(long.forward(ms.Tensor([prompt], ms.int32))[0].asnumpy()[0], expected, atol=1e-5)
+    np.testing.assert_allclose(expected, _numpy_logits(prompt, weights, short.architecture, [8192] * 8), atol=1e-4)
+    short_tokens, short_logits = _cached_decode(short, prompt, 4)
+    long_tokens, long_logits = _cached_decode(long, prompt, 4)
+    assert long_tokens == short_tokens
+    np.testing.assert_allclose(long_logits, short_logits, atol=1e-5)
+
+
+NTK = {"training_seqlen": 16, "max_position_embedding": 16, "seq_length": 64}  # no extend_method set
+
+
+def test_a_prompt_past_the_trained_length_engages_the_official_ntk_in_prefill():
+    model, weights = _model(32, **NTK)
+    prompt = np.random.default_rng(33).integers(4, 512, 24).tolist()
+    mine = model.forward(ms.Tensor([prompt], ms.int32))[0].asnumpy()[0]
+    official = _numpy_logits(prompt, weights, model.architecture, [24] * 24)  # alpha 3, mscale 1 + 0.1 ln 1.5
+    np.testing.assert_allclose(mine, official, rtol=1e-4, atol=1e-4)
+    plain = _numpy_logits(prompt, weights, model.architecture, [24] * 24, lambda n: rotary_cos_sin(n, 16, 10000.0))
+    assert np.abs(plain - official).max() > 1e-2
+
+
+def test_kv_cache_decoding_recomputes_alpha_and_mscale_at_every_step_like_the_official_model():
+    """Prompt of 30 tokens (alpha 3), decoding to 36: alpha becomes 7 at length 33 and mscale grows each step; the
+    compiled step and the PyNative growing cache both give the official cached logits, and greedy decoding with the
+    cache picks the tokens decoding without it (whole sequence rerun at its current length) picks."""
+    from telechat2.generation import GenerationConfig, generate
+
+    model, weights = _model(34, **NTK)
+    prompt = np.random.default_rng(35).integers(4, 512, 30).tolist()
+    tokens, logits = _cached_decode(model, prompt, 6)
+    ids = prompt + tokens
+    rotated_at = [30] * 30 + [p + 1 for p in range(30, len(ids))]  # prefill at 30, then each step at its length
+    official = _numpy_logits(ids, weights, model.architecture, rotated_at)[29:]
+    np.testing.assert_allclose(logits, official, rtol=1e-4, atol=1e-4)
+    _, cache = model.forward(ms.Tensor([prompt], ms.int32))
+    for position in range(30, len(ids) - 1):
+        step, cache = model.forward(ms.Tensor([[ids[position]]], ms.int32), cache, position)
+        np.testing.assert_allclose(step.asnumpy()[0, -1], logits[position - 29], rtol=1e-4, atol=1e-4)
+    at_prompt = dynamic_ntk_base_and_mscale(30, model.architecture)  # alpha and mscale frozen at the prompt's
+    frozen = _numpy_logits(ids, weights, model.architecture, rotated_at, lambda n: rotary_cos_sin(n, 16, *at_prompt))[
+        29:
+    ]
+    assert np.abs(frozen - official).max() > 1e-3
+    config = GenerationConfig(max_new_tokens=6, repetition_penalty=1.0, stop_token_ids=())
+    cached = generate(model, prompt, config)
+    config.use_cache = False
+    assert cached == tokens == generate(model, prompt, config)
+
+
+def test_graph_mode_forward_past_the_trained_length_uses_the_same_rotary():
+    """In graph mode the lengths are static: the per-length table is a compile-time constant, same loss."""
+    model = build_tiny_model(seed=12, training_seqlen=8, max_position_embedding=8, seq_length=32)
+    ids = _ids(np.random.default_rng(13), (2, 17))  # 16 tokens: past training_seqlen, short of seq_length
+    pynative_loss = float(model(ids, ids).asnumpy())
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        graph_loss = float(model(ids, ids).asnumpy())
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    assert graph_loss == pytest.approx(pynative_loss, rel=1e-5)
+    plain = build_tiny_model(seed=12, training_seqlen=32, max_position_embedding=32, seq_length=32)
+    assert abs(float(plain(ids, ids).asnumpy()) - pynative_loss) > 1e-4  # NTK engaged at 16 tokens

@@ -6,7 +6,7 @@ import yaml
 from operator_factories import make_spec
 from telechat_operator import constants as c
 from telechat_operator.builders import names
-from telechat_operator.builders.configmap import build_config_map
+from telechat_operator.builders.configmap import build_config_map, render_finetune_config
 from telechat_operator.builders.podgroup import build_pod_group
 from telechat_operator.builders.pods import build_merge_pod, build_rank_pod, merge_command, rank_command
 from telechat_operator.builders.service import build_service
@@ -155,3 +155,53 @@ def test_every_child_is_owned_by_the_job() -> None:
         assert child["metadata"]["ownerReferences"] == [spec.owner_reference()], child["kind"]
         assert child["metadata"]["namespace"] == "ns"
         assert child["metadata"]["labels"][c.LABEL_JOB_NAME] == "ft"
+
+
+def test_merge_copies_the_tokenizer_from_beside_the_base_checkpoint() -> None:
+    """A fromFinetune inference without vocabFile reads merged/rank_0/tokenizer.model: the merge writes it."""
+    spec = make_spec(checkpoint={"load": "/models/telechat2-tiny/telechat2_tiny.ckpt"})
+    assert merge_command(spec)[-2:] == ["--vocab_file", "/models/telechat2-tiny/tokenizer.model"]
+    assert "--vocab_file" not in merge_command(make_spec())  # trained from scratch: no tokenizer to copy
+
+
+def test_init_pod_runs_preprocess_and_convert_side_by_side_with_skip_and_termination_messages() -> None:
+    from telechat_operator.builders.initializer import build_init_pod
+
+    spec = make_spec(
+        dataset={"path": "/d/train.mindrecord", "jsonl": "/d/train.jsonl", "tokenizer": "/d/tokenizer.model"},
+        checkpoint={"huggingface": "/models/hf"},
+        training={"seqLength": 256},
+        volumes=[{"name": "shared", "persistentVolumeClaim": {"claimName": "data"}}],
+        volumeMounts=[{"name": "shared", "mountPath": "/d"}],
+        initializer={"resources": {"requests": {"cpu": "3"}}},
+    )
+    pod = build_init_pod(spec)
+    assert pod["metadata"]["name"] == "ft-init"
+    assert pod["metadata"]["labels"][c.LABEL_ROLE] == c.ROLE_INITIALIZER
+    assert pod["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    preprocess, convert = pod["spec"]["containers"]
+    assert (preprocess["name"], convert["name"]) == (c.PREPROCESS_CONTAINER, c.CONVERT_CONTAINER)
+    assert preprocess["command"] == [
+        "telechat2", "preprocess", "--input_dataset_file", "/d/train.jsonl", "--vocab_file_path",
+        "/d/tokenizer.model", "--max_length", "256", "--output_path", "/d/train.mindrecord",
+        "--skip-if-complete", "--termination-message-path", "/dev/termination-log",
+    ]  # fmt: skip
+    assert convert["command"] == [
+        "telechat2", "convert", "--torch_path", "/models/hf", "--mindspore_path",
+        "/out/run1/converted/telechat2-tiny.ckpt", "--model", "telechat2-tiny",
+        "--skip-if-complete", "--termination-message-path", "/dev/termination-log",
+    ]  # fmt: skip
+    for container in (preprocess, convert):
+        assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+        assert container["resources"] == {"requests": {"cpu": "3"}}
+        assert c.ASCEND_RESOURCE not in str(container)
+        assert container["volumeMounts"] == [{"name": "shared", "mountPath": "/d"}]
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["spec"]["volumes"] == [{"name": "shared", "persistentVolumeClaim": {"claimName": "data"}}]
+    # The ranks then load the converted checkpoint.
+    assert "load_checkpoint: /out/run1/converted/telechat2-tiny.ckpt" in render_finetune_config(spec)
+    only_data = build_init_pod(make_spec(dataset={"path": "/d/x", "jsonl": "/d/x.jsonl", "tokenizer": "/t"}))
+    assert [ct["name"] for ct in only_data["spec"]["containers"]] == [c.PREPROCESS_CONTAINER]

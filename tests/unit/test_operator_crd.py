@@ -60,7 +60,7 @@ def test_enums_and_defaults_match_the_constants(schema: dict[str, Any]) -> None:
     status = schema["properties"]["status"]["properties"]
     assert set(status["state"]["enum"]) == {
         c.STATE_PENDING, c.STATE_RUNNING, c.STATE_RESTARTING, c.STATE_MERGING,
-        c.STATE_SUCCEEDED, c.STATE_FAILED, c.STATE_SUSPENDED,
+        c.STATE_SUCCEEDED, c.STATE_FAILED, c.STATE_SUSPENDED, c.STATE_INITIALIZING,
     }  # fmt: skip
 
 
@@ -127,3 +127,52 @@ def test_the_status_schema_keeps_every_field_the_state_machine_writes(schema: di
         assert field in progress, field
     assert set(progress["checkpoint"]["properties"]) == {"step", "ranks", "newer"}
     assert status["podSpecHashes"]["additionalProperties"] == {"type": "string"}
+def test_generated_blocks_are_current_with_the_configs() -> None:
+    """The CEL layout rules and the resources description come from telechat2/configs (crd_rules.py)."""
+    from telechat_operator import crd_rules
+
+    text = CRD_PATH.read_text()
+    assert "# BEGIN generated: layout-rules" in text and "# BEGIN generated: resources-description" in text
+    assert crd_rules.regenerate(text) == text, "run: python -m telechat_operator.crd_rules"
+    assert crd_rules.main(["--check"]) == 0
+
+
+def _cel_map(rule: str) -> dict[str, int]:
+    (literal,) = re.findall(r"\{([^}]*)\}\[self\.model\]", rule)
+    return {model: int(value) for model, value in re.findall(r"'([a-z0-9-]+)': (\d+)", literal)}
+
+
+def test_cel_layout_rules_agree_with_the_model_configs(schema: dict[str, Any]) -> None:
+    """Read back from the CRD (not from the generator): every model's layers and heads, per the configs."""
+    from telechat2 import configs
+
+    rules = {r.get("fieldPath"): r for r in schema["properties"]["spec"]["x-kubernetes-validations"]}
+    layers = _cel_map(rules[".parallel.pipelineStage"]["rule"])
+    divisors = _cel_map(rules[".parallel.modelParallel"]["rule"])
+    assert list(layers) == list(divisors) == configs.list_models()
+    for model in configs.list_models():
+        arch = configs.architecture(model)
+        assert layers[model] == arch.num_layers, model
+        valid = [mp for mp in range(1, 65) if divisors[model] % mp == 0]
+        expected = [
+            mp for mp in range(1, 65)
+            if not (arch.num_heads % mp or arch.n_kv_heads % mp or arch.intermediate_size % mp or arch.vocab_size % mp)
+        ]  # fmt: skip
+        assert valid == expected, model
+    assert "spec.parallel.pipelineStage" in rules[".parallel.pipelineStage"]["message"]
+
+
+def test_resources_description_lists_every_models_default_requests(schema: dict[str, Any]) -> None:
+    from telechat2 import configs
+
+    text = schema["properties"]["spec"]["properties"]["resources"]["description"]
+    for model in configs.list_models():
+        requests = configs.model_defaults(model).trainer_requests_per_device
+        assert f"{model} {requests['cpu']} CPU and {requests['memory']} per NPU" in text
+
+
+def test_status_layout_sources_match_the_planner(schema: dict[str, Any]) -> None:
+    from telechat2 import describe
+
+    layout = schema["properties"]["status"]["properties"]["layout"]["properties"]
+    assert tuple(layout["source"]["enum"]) == describe.LAYOUT_SOURCES

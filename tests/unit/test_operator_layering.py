@@ -18,6 +18,8 @@ PURE = [
     "builders/service.py",
     "builders/podgroup.py",
     "builders/pods.py",
+    "builders/initializer.py",
+    "crd_rules.py",
 ]
 CLIENTS = ("kubernetes", "kopf", "urllib3", "aiohttp", "telechat_operator.k8s", "telechat_operator.handlers")
 

@@ -47,7 +47,24 @@ def test_user_env_overrides_model_defaults_by_name_without_duplicates() -> None:
 @pytest.mark.parametrize(
     ("overrides", "field", "fragment"),
     [
-        ({"parallel": None}, "spec.parallel (model default)", "must equal nodes x devicesPerNode = 2 x 1 = 2"),
+        # An omitted layout the model's default does not fit is completed (see test_omitted_layout_is_planned);
+        # what no split of the devices can satisfy still names the field.
+        (
+            {"nodes": 3, "parallel": {"modelParallel": 2}},
+            "spec.parallel",
+            "must equal nodes x devicesPerNode = 3 x 1 = 3",
+        ),
+        (
+            {"nodes": 4, "parallel": {"pipelineStage": 4, "microBatchNum": 4}},
+            "spec.parallel.pipelineStage",
+            "exceeds the model's 2 layers",
+        ),
+        (
+            {"parallel": {"modelParallel": 3, "dataParallel": 1}, "nodes": 3},
+            "spec.parallel.modelParallel",
+            "must divide 2",
+        ),
+        ({"dataset": {"path": "/d.mindrecord", "jsonl": "/d.jsonl"}}, "spec.dataset.tokenizer", "is required"),
         ({"parallel": {"dataParallel": 3}}, "spec.parallel", "= 3 must equal"),
         (
             {"nodes": 1, "parallel": {"dataParallel": 1, "pipelineStage": 1, "microBatchNum": 1}, "devicesPerNode": 1},
@@ -115,3 +132,101 @@ def test_moe_layout_shards_parameters_even_with_data_parallel_only_fields() -> N
     assert spec.parallel.expert_parallel == 2 and spec.parallel.shards_parameters
     assert "expert_parallel" not in spec.parallel.as_config()
     assert not make_spec().parallel.shards_parameters
+
+
+def test_omitted_layout_is_planned_for_the_node_count() -> None:
+    """The fake tiny default is 1 device; on 2 nodes the operator completes the layout instead of failing."""
+    spec = parse(job_body(parallel=None), fake_lookup)
+    assert (spec.parallel.data_parallel, spec.parallel.model_parallel, spec.parallel.pipeline_stage) == (2, 1, 1)
+    assert spec.parallel.source == "Planned"
+    status = spec.parallel.status()
+    assert status["source"] == "Planned" and status["dataParallel"] == 2 and status["deviceMemory"] == "64Gi"
+
+
+def test_a_layout_given_in_full_is_kept_and_the_model_default_is_preferred() -> None:
+    assert make_spec().parallel.source == "Spec"
+    spec = make_spec(model="telechat2-7b", nodes=None, devicesPerNode=None, parallel=None)
+    assert spec.parallel.source == "ModelDefault" and spec.parallel.data_parallel == 8
+
+
+def test_partial_layout_is_completed_to_fit_npu_memory() -> None:
+    """7B at 32k tokens does not fit 8-way data parallel (the default); tensor parallelism within the node does."""
+    from telechat2 import configs, describe
+
+    spec = make_spec(
+        model="telechat2-7b",
+        nodes=1,
+        devicesPerNode=8,
+        parallel={"dataParallel": None, "modelParallel": None, "pipelineStage": None},  # microBatchNum 1 stays
+        training={"seqLength": 32768},
+    )
+    assert spec.parallel.source == "Planned"
+    assert spec.parallel.model_parallel > 1 and spec.parallel.devices == 8
+    layout = describe.Layout(
+        **{**describe.dataclasses.asdict(describe.base_layout("telechat2-7b", seq_length=32768)),
+           "data_parallel": spec.parallel.data_parallel, "model_parallel": spec.parallel.model_parallel}
+    )  # fmt: skip
+    memory = describe.estimate_memory(configs.architecture("telechat2-7b"), layout)
+    assert memory.fits and spec.parallel.memory_bytes == memory.total
+    default = describe.estimate_memory(
+        configs.architecture("telechat2-7b"), describe.base_layout("telechat2-7b", seq_length=32768)
+    )
+    assert not default.fits  # the model's own layout would have run out of memory
+
+
+def test_a_model_that_fits_no_layout_of_the_nodes_is_invalid_naming_the_memory() -> None:
+    with pytest.raises(SpecError) as caught:
+        parse(job_body(model="telechat2-115b", nodes=2, devicesPerNode=8, parallel=None))
+    assert caught.value.field == "spec.parallel (model default)"
+    assert "fits 64 GiB per NPU" in caught.value.message and "add nodes" in caught.value.message
+
+
+def test_moe_expert_parallel_follows_data_parallel_so_the_config_renders() -> None:
+    """39B-A12B's default expert_parallel 2 cannot split dataParallel 3: it is lowered (before, rendering failed)."""
+    from telechat_operator.builders.configmap import render_finetune_config
+
+    layout = {"dataParallel": 3, "modelParallel": 8, "pipelineStage": 1, "microBatchNum": 1}
+    spec = parse(job_body(model="telechat2-39b-a12b", nodes=3, devicesPerNode=8, parallel=layout))
+    assert spec.parallel.expert_parallel == 1 and spec.parallel.as_config()["expert_parallel"] == 1
+    assert "expert_parallel: 1" in render_finetune_config(spec)
+    planned = parse(job_body(model="telechat2-39b-a12b", nodes=3, devicesPerNode=8, parallel=None))
+    assert planned.parallel.devices == 24 and planned.parallel.data_parallel % planned.parallel.expert_parallel == 0
+    render_finetune_config(planned)
+
+
+def test_rank_and_helper_pods_get_the_models_host_requests_and_the_users_win() -> None:
+    from telechat2 import configs
+
+    spec = parse(job_body(model="telechat2-7b", nodes=1, devicesPerNode=8, parallel=None))
+    defaults = configs.model_defaults("telechat2-7b")
+    assert (
+        spec.resources == {"requests": defaults.trainer_requests(8)} == {"requests": {"cpu": "64", "memory": "512Gi"}}
+    )
+    assert spec.merge_resources == {"requests": defaults.helper_requests}
+    user = parse(
+        job_body(
+            model="telechat2-7b", nodes=1, devicesPerNode=8, parallel=None,
+            resources={"requests": {"cpu": "10"}, "limits": {"memory": "100Gi"}},
+            merge={"resources": {"requests": {"memory": "1Gi"}}},
+        )
+    )  # fmt: skip
+    # cpu: the user's request; memory: the user's limit alone (a default request above it would be invalid).
+    assert user.resources == {"requests": {"cpu": "10"}, "limits": {"memory": "100Gi"}}
+    assert user.merge_resources == {"requests": {"cpu": defaults.helper_requests["cpu"], "memory": "1Gi"}}
+    assert parse(job_body()).resources == {"requests": {"cpu": "1", "memory": "2Gi"}}
+    per_device = parse(job_body(devicesPerNode=2, parallel=None)).resources  # scaled by the pod's NPUs
+    assert per_device == {"requests": {"cpu": "2", "memory": "4Gi"}}
+
+
+def test_initializers_default_the_converted_checkpoint_and_pack_to_the_sequence_length() -> None:
+    spec = make_spec(
+        dataset={"path": "/d/train.mindrecord", "jsonl": "/d/train.jsonl", "tokenizer": "/d/tokenizer.model"},
+        checkpoint={"huggingface": "/models/hf"},
+        training={"seqLength": 128},
+    )
+    init = spec.initializers
+    assert init.enabled and init.dataset_jsonl == "/d/train.jsonl" and init.max_length == 128
+    assert spec.load_checkpoint == "/out/run1/converted/telechat2-tiny.ckpt"
+    assert make_spec(checkpoint={"huggingface": "/hf", "load": "/ck/x.ckpt"}).load_checkpoint == "/ck/x.ckpt"
+    assert not make_spec().initializers.enabled
+    assert make_spec(dataset={"path": "/d", "jsonl": "/j", "tokenizer": "/t"}).initializers.max_length == 64

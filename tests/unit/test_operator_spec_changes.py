@@ -12,7 +12,7 @@ from telechat_operator.spec_changes import POD_SPEC_FIELDS, changed_fields, spec
 REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "crds" / "telechat.io_telechatfinetunes.yaml"
 # Fields that act on the job itself (suspend, deadlines, TTL, restart policy; the merge pod is built when merging).
-JOB_LEVEL_FIELDS = {"runPolicy", "merge"}
+JOB_LEVEL_FIELDS = {"runPolicy", "merge", "initializer"}  # merge and init pods take settings when created
 
 
 def immutable_fields(node: dict[str, Any], path: str) -> list[str]:

@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from operator_factories import NOW, make_spec, merge_pod, worker
+from operator_factories import NOW, init_pod, make_spec, merge_pod, worker
 from telechat_operator import constants as c
 from telechat_operator.spec import SpecError
 from telechat_operator.status import (
@@ -469,3 +469,77 @@ def test_progress_from_rank_0_lands_in_the_status_and_is_kept_without_a_new_docu
     assert progress["checkpoint"] == {"step": 4, "ranks": 2, "newer": {"step": 8, "ranks": 1}}
     kept = reconcile(make_spec(), plan.status, [worker(0), worker(1)], NOW, BACKOFF, progress=None)
     assert kept.status["progress"] == progress
+INIT = {
+    "dataset": {"path": "/d/train.mindrecord", "jsonl": "/d/train.jsonl", "tokenizer": "/d/tokenizer.model"},
+    "checkpoint": {"huggingface": "/models/hf"},
+}
+
+
+def test_the_chosen_layout_is_in_the_status() -> None:
+    status = run({}, [], parallel=None).status
+    assert status["layout"]["source"] == "Planned"
+    assert (status["layout"]["dataParallel"], status["layout"]["modelParallel"]) == (2, 1)
+    assert status["layout"]["estimatedMemoryPerDevice"].endswith("Gi")
+    assert run({}, []).status["layout"]["source"] == "Spec"
+
+
+def test_a_job_with_initializers_creates_the_init_pod_before_any_rank() -> None:
+    plan = run({}, [], **INIT)
+    assert plan.create_init and plan.create_ranks == [] and not plan.ensure_children
+    assert plan.status["state"] == c.STATE_INITIALIZING
+    assert reason(plan.status, c.COND_INITIALIZED) == "Initializing"
+    assert "telechat2 preprocess and telechat2 convert" in plan.status["message"]
+    again = run(plan.status, [init_pod("Running")], **INIT)  # running: nothing to create, no new event
+    assert not again.create_init and again.create_ranks == [] and again.events == []
+    assert again.status["state"] == c.STATE_INITIALIZING
+
+
+def test_ranks_start_in_the_pass_that_sees_the_init_pod_succeed_and_never_look_back() -> None:
+    plan = run({}, [], **INIT)
+    done = run(plan.status, [init_pod("Succeeded")], **INIT)
+    assert condition_is(done.status, c.COND_INITIALIZED)
+    assert done.create_ranks == [0, 1] and done.ensure_children and not done.create_init
+    assert [e.reason for e in done.events] == ["Initialized"]
+    # The init pod gone (TTL, a user) changes nothing once the status says Initialized.
+    later = run(done.status, [worker(0), worker(1)], **INIT)
+    assert not later.create_init and later.status["state"] == c.STATE_RUNNING
+
+
+def test_a_failed_init_pod_fails_the_job_with_its_termination_message() -> None:
+    plan = run({}, [], **INIT)
+    message = "preprocess: telechat2 preprocess: 1 malformed line(s): line 3: invalid JSON"
+    failed = run(plan.status, [init_pod("Failed", exit_code=1, message=message)], **INIT)
+    assert failed.status["state"] == c.STATE_FAILED and failed.create_ranks == []
+    assert reason(failed.status, c.COND_FAILED) == c.REASON_INITIALIZER_FAILED
+    failed_condition = next(cond for cond in failed.status["conditions"] if cond["type"] == c.COND_FAILED)
+    assert "line 3: invalid JSON" in failed_condition["message"] and "ft-init" in failed_condition["message"]
+    assert failed.status["lastFailure"]["reason"] == c.REASON_INITIALIZER_FAILED
+    assert failed.status["lastFailure"]["exitCode"] == 1
+    assert rests_on_absence(plan.status, failed)  # decided again on a consistent read before it is written
+
+
+def test_a_suspended_job_recreates_its_init_pod_once_the_old_one_is_gone() -> None:
+    plan = run({}, [], **INIT)
+    suspended = run(plan.status, [init_pod("Running")], runPolicy={"suspend": True}, **INIT)
+    assert suspended.delete_pods == ["ft-init"]
+    resumed = run(suspended.status, [init_pod("Running", deleting=True)], **INIT)
+    assert not resumed.create_init and resumed.requeue_after is not None
+    assert run(resumed.status, [], **INIT).create_init
+
+
+def test_init_pod_view_reads_the_failed_containers_termination_message() -> None:
+    body = {
+        "metadata": {"name": "ft-init", "labels": {c.LABEL_ROLE: c.ROLE_INITIALIZER, c.LABEL_ATTEMPT: "1"}},
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {"name": c.PREPROCESS_CONTAINER, "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}},
+                {
+                    "name": c.CONVERT_CONTAINER,
+                    "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": "1 missing tensor(s): x\n"}},
+                },
+            ],
+        },
+    }
+    view = PodView.from_body(body)
+    assert (view.exit_code, view.message) == (1, "convert: 1 missing tensor(s): x")

@@ -128,7 +128,8 @@ def test_non_streaming_disconnect_cancels_generation(tiny_tokenizer: TeleChat2To
         wait_until(lambda: httpx.get(f"{url}/v2/health/ready").status_code == 200)
         host, port = url.removeprefix("http://").split(":")
         connection = http.client.HTTPConnection(host, int(port), timeout=30)
-        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 500})
+        messages = [{"role": "system", "content": "hi"}, {"role": "user", "content": "hi"}]  # short: no default
+        body = json.dumps({"messages": messages, "max_tokens": 500})
         connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
         assert engine.started.wait(15)
         connection.close()  # the client gives up before the answer
@@ -153,7 +154,8 @@ def test_tool_calls_come_back_as_openai_tool_calls(tiny_tokenizer: TeleChat2Toke
     answer = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Beijing"}}\n</tool_call>'
     engine = ScriptedEngine(tiny_tokenizer, answer)
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    request = {"messages": [{"role": "user", "content": "weather?"}], "tools": tools}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "weather?"}]  # fits 448
+    request = {"messages": messages, "tools": tools}
     with TestClient(create_app(ServeSettings(max_seq_len=512, max_input_token_len=448), lambda: engine)) as client:
         wait_until(lambda: client.get("/v2/health/ready").status_code == 200)
         choice = client.post("/v1/chat/completions", json=request).json()["choices"][0]

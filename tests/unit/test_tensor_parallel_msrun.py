@@ -1,6 +1,7 @@
 """Tensor parallelism with real processes: two msrun workers on CPU, the model split between them.
 
-- the split network (dense GQA with kv_concat; qkv_concat with dynamic NTK past the trained length; MoE) generates
+- the split network (dense GQA with kv_concat; qkv_concat with a long seq_length; MoE; a sequence past the trained
+  length, whose dynamic NTK changes from one decoding step to the next) generates
   the same greedy tokens as the single-process model, with logits within 1e-4, through the prompt pass and the
   compiled static-cache decode steps (whose AllReduce / AllGather run inside `mindspore.jit`), each rank holding
   about half the parameters;
@@ -41,6 +42,8 @@ CASES = {
     "dense": {},
     "qkv_concat_ntk": {"qkv_concat": True, "extend_method": "DYNAMIC_NTK", "seq_length": 128},
     "moe": {"num_experts": 4, "num_experts_per_tok": 2},
+    # prompt and answer past training_seqlen 4 with no extend_method: per-length NTK, alpha 3 -> 7 -> 15 in decoding
+    "ntk_past_trained": {"training_seqlen": 4, "max_position_embedding": 4},
 }
 PROMPT = [1, 4, 57, 91, 230, 18, 5]
 

@@ -172,7 +172,13 @@ def test_data_parallel_msrun_saves_rank_checkpoints_that_merge(tmp_path, tiny_to
         assert len(losses) == 4
         assert losses[0][1] > 12, "load_checkpoint was not loaded: the first loss is a fresh model's"
 
+    from telechat2.manifest import verify_checkpoint
+
+    for rank in (0, 1):  # every saved checkpoint got its sha256 sidecar, and it matches
+        saved = sorted((output / "checkpoint" / f"rank_{rank}").glob("*.ckpt"))
+        assert saved and all(verify_checkpoint(path) for path in saved), saved
     summary = merge(output / "checkpoint", tmp_path / "merged", "telechat2_tiny")
+    assert summary["checksums_verified"] == 2 and summary["warnings"] == []
     merged = CkptReader(summary["path"])
     rank1 = CkptReader(newest_checkpoint(output / "checkpoint", 1))
     for name in ("lm_head.weight", "model.layers.1.attention.wk_v.weight"):

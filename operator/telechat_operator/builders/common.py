@@ -69,3 +69,18 @@ def placement_fields(
     if priority_class_name:
         fields["priorityClassName"] = priority_class_name
     return fields
+
+
+def pod_security_context() -> dict[str, Any]:
+    """Every pod the operator creates: the container runtime's default seccomp profile."""
+    return {"seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_security_context() -> dict[str, Any]:
+    """Every container the operator creates: no capabilities, no privilege escalation, never privileged.
+
+    The user is the image's: the runtime image runs as root because the Ascend driver's device files and libraries
+    (/dev/davinci*, /usr/local/Ascend/driver) are readable only by root or the driver's HwHiAiUser, and the merge pod
+    runs as the same user as the ranks whose output directory it writes into. Root without capabilities can still
+    read and write what it owns, and nothing else a capability would grant (ports above 1024 only)."""
+    return {"allowPrivilegeEscalation": False, "privileged": False, "capabilities": {"drop": ["ALL"]}}

@@ -16,9 +16,11 @@ from telechat_operator import constants as c
 from telechat_operator import inference_constants as ic
 from telechat_operator.builders.common import (
     ascend_resources,
+    container_security_context,
     npu_pod_volumes,
     npu_volume_mounts,
     placement_fields,
+    pod_security_context,
 )
 from telechat_operator.inference_spec import (
     BACKEND_MINDIE,
@@ -372,6 +374,7 @@ def server_container(
         container["ports"] = ports
     container["resources"] = ascend_resources(spec.resources, spec.devices_per_replica)
     container["volumeMounts"] = mounts
+    container["securityContext"] = container_security_context()
     if serves_http:
         container.update(health_probes(spec))
     return container
@@ -390,6 +393,7 @@ def pod_spec(spec: InferenceSpec, checkpoint: ResolvedCheckpoint, container: dic
         "enableServiceLinks": False,
         # Finish in-flight requests: the Service drops the pod first, the server gets SIGTERM.
         "terminationGracePeriodSeconds": 60,
+        "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": pod_volumes(spec, checkpoint),
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from telechat_operator import constants as c
@@ -164,11 +165,23 @@ class GroupPlan:
     ready: int = 0  # groups whose every pod is Running and ready
     updated: int = 0  # complete groups running the current template
     messages: list[str] = dataclasses.field(default_factory=list)
+    ready_groups: list[int] = dataclasses.field(default_factory=list)  # every pod Running and ready
+    backing_off: dict[int, float] = dataclasses.field(default_factory=dict)  # group -> seconds until it is created
 
 
-def plan_groups(spec: InferenceSpec, pods: Iterable[GroupPod], template_hash: str) -> GroupPlan:
-    """Create missing groups, recreate broken ones whole, roll outdated ones one at a time, drop extra ones."""
+def plan_groups(
+    spec: InferenceSpec,
+    pods: Iterable[GroupPod],
+    template_hash: str,
+    not_before: Mapping[int, datetime] | None = None,
+    now: datetime | None = None,
+) -> GroupPlan:
+    """Create missing groups, recreate broken ones whole, roll outdated ones one at a time, drop extra ones.
+
+    `not_before`: groups torn down after a failure that may be created again only from that time (the backoff of
+    `update_group_backoff`); `now` is the caller's clock."""
     plan = GroupPlan()
+    not_before = not_before or {}
     size = spec.nodes_per_replica
     groups: dict[int, list[GroupPod]] = {}
     for pod in pods:
@@ -191,6 +204,7 @@ def plan_groups(spec: InferenceSpec, pods: Iterable[GroupPod], template_hash: st
         outdated = any(pod.template_hash != template_hash for pod in members)
         if not missing and not extra and all(pod.ready and not pod.broken for pod in members):
             plan.ready += 1
+            plan.ready_groups.append(group)
             if outdated:
                 healthy_outdated.append(group)
             else:
@@ -225,11 +239,82 @@ def plan_groups(spec: InferenceSpec, pods: Iterable[GroupPod], template_hash: st
 
     for group in range(spec.replicas):
         if group not in groups:
-            plan.create.extend((group, rank) for rank in range(size))
             disrupted += 1
+            wait_until = not_before.get(group)
+            if wait_until is not None and now is not None and now < wait_until:
+                plan.backing_off[group] = (wait_until - now).total_seconds()
+                plan.restarting.append(group)
+                continue
+            plan.create.extend((group, rank) for rank in range(size))
     # Rolling update: one ready group at a time, and only while every other group serves.
     if healthy_outdated and disrupted == 0:
         group = healthy_outdated[0]
         tear_down(groups[group])
         plan.rolled.append(group)
     return plan
+
+
+# --- recreation backoff ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupBackoff:
+    """A group that failed `failures` times in a row; it is created again from `next_attempt` on."""
+
+    group: int
+    failures: int
+    next_attempt: datetime
+
+    def as_status(self) -> dict[str, Any]:
+        return {
+            "group": self.group,
+            "failures": self.failures,
+            "nextAttemptTime": self.next_attempt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+
+
+def read_group_backoff(status: Mapping[str, Any]) -> dict[int, GroupBackoff]:
+    """`status.groupBackoff` as written by `GroupBackoff.as_status` (entries it cannot read are dropped)."""
+    entries: dict[int, GroupBackoff] = {}
+    for raw in status.get("groupBackoff") or []:
+        try:
+            when = datetime.strptime(str(raw["nextAttemptTime"]), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+            entries[int(raw["group"])] = GroupBackoff(int(raw["group"]), int(raw["failures"]), when)
+        except (KeyError, TypeError, ValueError):
+            continue
+    return entries
+
+
+def update_group_backoff(
+    entries: Mapping[int, GroupBackoff],
+    plan: GroupPlan,
+    replicas: int,
+    now: datetime,
+    delay: Any,
+    stable_seconds: float,
+) -> dict[int, GroupBackoff]:
+    """After a pass: a group recreated after a failure waits `delay(failures)` seconds (failures in a row, so
+    base, 2x base, 4x base ... capped: the finetune's restart backoff) before it is created again. A group that is
+    ready `stable_seconds` after its last recreation starts over from zero (like the kubelet's crash-loop backoff:
+    a server that dies a minute after it came up is still crash-looping); groups scaled away are forgotten."""
+    updated = {group: entry for group, entry in entries.items() if group < replicas}
+    for group in plan.ready_groups:
+        if group in updated and now >= updated[group].next_attempt + timedelta(seconds=stable_seconds):
+            del updated[group]
+    for group in plan.recreated:
+        failures = (updated[group].failures if group in updated else 0) + 1
+        updated[group] = GroupBackoff(group, failures, now + timedelta(seconds=float(delay(failures))))
+    return updated
+
+
+def backoff_message(entries: Mapping[int, GroupBackoff], plan: GroupPlan) -> str:
+    """What the crash-loop condition says: each waiting group, its failures in a row and its next attempt."""
+    parts = []
+    for group in sorted(set(plan.backing_off) | set(plan.recreated)):
+        entry = entries.get(group)
+        if entry is None:
+            continue
+        # An absolute time: the message (and so the status) stays the same on every pass while the group waits.
+        when = entry.as_status()["nextAttemptTime"]
+        parts.append(f"group {group} failed {entry.failures} time(s) in a row; recreating it at {when}")
+    return "; ".join(parts)

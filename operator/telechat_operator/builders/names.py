@@ -31,6 +31,11 @@ def merge_pod(job: str, merge_attempt: int) -> str:
     return f"{job}-merge-{merge_attempt}"
 
 
+def init_pod(job: str) -> str:
+    """One initializer pod per job: its commands skip work whose output is already complete."""
+    return f"{job}-init"
+
+
 def pod_group(job: str) -> str:
     return job
 

@@ -8,11 +8,14 @@ from telechat_operator import constants as c
 from telechat_operator.builders import names
 from telechat_operator.builders.common import (
     ascend_resources,
+    container_security_context,
     metadata,
     npu_pod_volumes,
     npu_volume_mounts,
     placement_fields,
+    pod_security_context,
 )
+from telechat_operator.inference_spec import default_vocab_file
 from telechat_operator.spec import FinetuneSpec
 
 
@@ -70,6 +73,10 @@ def merge_command(spec: FinetuneSpec) -> list[str]:
     """`telechat2 merge`; the strategy files are passed only when the layout split parameters across ranks
     (with pure data parallelism each rank's checkpoint is already complete and merge checks the copies agree)."""
     strategy = ["--src_ckpt_strategy", output_subdir(spec, c.STRATEGY_DIR)] if spec.parallel.shards_parameters else []
+    # The tokenizer of the model trained from (tokenizer.model beside spec.checkpoint.load, the layout the README
+    # and the inference's default vocabFile assume) goes beside the merged checkpoint, where a TeleChatInference
+    # with checkpoint.fromFinetune and no vocabFile looks for it.
+    tokenizer = ["--vocab_file", default_vocab_file(spec.load_checkpoint)] if spec.load_checkpoint else []
     return [
         "telechat2",
         "merge",
@@ -80,6 +87,7 @@ def merge_command(spec: FinetuneSpec) -> list[str]:
         output_subdir(spec, c.MERGED_DIR),
         "--prefix",
         spec.merge_prefix,
+        *tokenizer,
     ]
 
 
@@ -137,9 +145,11 @@ def build_rank_pod(spec: FinetuneSpec, rank: int, attempt: int) -> dict[str, Any
         ],
         "resources": ascend_resources(spec.resources, spec.devices_per_node),
         "volumeMounts": mounts,
+        "securityContext": container_security_context(),
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # the operator restarts the whole group, never a single rank
+        "securityContext": pod_security_context(),
         "hostname": names.rank_host(spec.name, rank),
         "subdomain": names.service(spec.name),
         "enableServiceLinks": False,
@@ -166,9 +176,15 @@ def build_merge_pod(spec: FinetuneSpec, merge_attempt: int) -> dict[str, Any]:
         "volumeMounts": [dict(m) for m in spec.volume_mounts],
     }
     if spec.merge_resources:
-        container["resources"] = dict(spec.merge_resources)
+        # CPU and memory only: the parser refuses an NPU here, and none is ever copied from the ranks' resources.
+        container["resources"] = {
+            section: {k: v for k, v in values.items() if k != c.ASCEND_RESOURCE}
+            for section, values in spec.merge_resources.items()
+        }
+    container["securityContext"] = container_security_context()
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        "securityContext": pod_security_context(),
         "enableServiceLinks": False,
         "containers": [container],
         "volumes": [dict(v) for v in spec.volumes],

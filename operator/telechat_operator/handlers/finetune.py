@@ -22,13 +22,16 @@ import kopf
 
 from telechat_operator import constants as c
 from telechat_operator import k8s, metrics
-from telechat_operator.builders.configmap import build_config_map
+from telechat_operator.builders.configmap import build_config_map, render_finetune_config
+from telechat_operator.builders.initializer import build_init_pod
 from telechat_operator.builders.podgroup import build_pod_group
 from telechat_operator.builders.pods import build_merge_pod, build_rank_pod
 from telechat_operator.builders.service import build_service
 from telechat_operator.progress_poll import ProgressPoller, progress_url
+from telechat_operator.refusals import RefusalTracker, clear_refused, is_spec_error, mark_refused, refusal_message
 from telechat_operator.settings import OperatorConfig
 from telechat_operator.spec import FinetuneSpec, SpecError, parse
+from telechat_operator.spec_common import check_host_paths
 from telechat_operator.status import (
     Backoff,
     Plan,
@@ -135,11 +138,22 @@ def decide(
     now = datetime.now(UTC)
     try:
         spec = parse(job)
+        check_host_paths(spec.volumes, config.allowed_host_paths)
     except SpecError as err:
         return None, invalid_spec_plan(old_status, err, int(meta.get("generation", 1)), now)
     pods = [PodView.from_body(pod) for pod in pod_bodies if owned_by(pod, spec.uid)]
     backoff = Backoff(config.backoff_base_seconds, config.backoff_max_seconds)
-    return spec, reconcile(spec, old_status, pods, now, backoff, progress)
+    plan = reconcile(spec, old_status, pods, now, backoff, progress)
+    if plan.create_ranks:
+        # Render (and so validate) the MindFormers YAML before any rank pod is posted: a layout or override the
+        # model cannot take fails the job once, naming it, instead of starting pods that never get their config.
+        try:
+            plan.config_yaml = render_finetune_config(spec)
+        except ValueError as err:  # telechat2.configs.ConfigError names the MindFormers key
+            return None, invalid_spec_plan(
+                old_status, SpecError("spec", f"the model's config rejects it: {err}"), spec.generation, now
+            )
+    return spec, plan
 
 
 def latest_progress(key: Hashable, old_status: Mapping[str, Any], pod_bodies: list[dict[str, Any]]) -> Any:
@@ -240,23 +254,32 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
 
     Creating before writing the status is safe because every name derives from the stored status (a crash in
     between re-creates the same names: 409); deleting after it records the intent first (a crash in between
-    re-derives the same deletes and never counts a restart twice).
+    re-derives the same deletes and never counts a restart twice). A create the apiserver refuses is either an
+    InvalidSpec (400/422: the spec must change) or a refusal (403 from admission, 500, ...; see `refuse`).
     """
     meta = job["metadata"]
     started = time.monotonic()
     if spec is not None:
+        key = (meta["namespace"], meta["name"])
         try:
             if create_children(spec, plan):
                 plan.events += mark_launched(plan.status, spec, datetime.now(UTC))
+            if plan.create_ranks or plan.create_merge is not None or plan.ensure_children:
+                refusals.succeeded(key)
+                clear_refused(plan.status, datetime.now(UTC), spec.generation)
         except k8s.ApiError as err:
-            if err.status not in (400, 422):
+            if err.status == 409 or job_going(err, meta["namespace"], meta["name"]):
                 raise
-            # The apiserver rejected a child built from this spec (e.g. a malformed volume): not retryable.
-            invalid = invalid_spec_plan(
-                plan.status, SpecError("spec (pod template)", err.message), spec.generation, datetime.now(UTC)
-            )
-            invalid.events[:0] = plan.events
-            plan = invalid
+            if is_spec_error(err.status, err.message):
+                # The apiserver rejected a child built from this spec (e.g. a malformed volume or, with strict
+                # field validation, an unknown field): not retryable until the spec changes.
+                invalid = invalid_spec_plan(
+                    plan.status, SpecError("spec (pod template)", err.describe()), spec.generation, datetime.now(UTC)
+                )
+                invalid.events[:0] = plan.events
+                plan = invalid
+            else:
+                refuse(key, spec, plan, err)
     patch = status_patch(old_status, plan.status)
     if patch:
         key = (meta["namespace"], meta["name"])
@@ -295,6 +318,26 @@ def apply_plan(job: Mapping[str, Any], spec: FinetuneSpec | None, old_status: Ma
     return bool(patch)
 
 
+# Consecutive refusals per job (see `refusals`): the n-th waits like the n-th restart before the next pass.
+refusals = RefusalTracker()
+
+
+def refuse(key: Hashable, spec: FinetuneSpec, plan: Plan, err: k8s.ApiError) -> None:
+    """A create the apiserver refused for a reason other than the spec (403 from admission, 500, ...): say so in
+    the status and look again after a backoff.
+
+    Writing the plan's status although not every child exists is safe: names derive from the stored status, and
+    ranks of an attempt not yet launched are created on the next pass (as after a crash between create and write).
+    """
+    backoff = Backoff(config.backoff_base_seconds, config.backoff_max_seconds)
+    count, delay = refusals.refused(key, backoff)
+    event = mark_refused(plan.status, refusal_message(err.describe(), count, delay), datetime.now(UTC), spec.generation)
+    if event is not None:
+        plan.events.append(event)
+    plan.requeue_after = delay  # this long, whatever the plan asked for: nothing else can progress meanwhile
+    logger.warning("%s/%s: %s; retrying in %gs", spec.namespace, spec.name, err.describe(), delay)
+
+
 def json_copy(value: Mapping[str, Any]) -> dict[str, Any]:
     """The status as the API returns it (plain JSON types), to compare with watch events."""
     return json.loads(json.dumps(value, default=str))
@@ -312,13 +355,15 @@ def create_children(spec: FinetuneSpec, plan: Plan) -> bool:
     if plan.create_merge is not None:
         metrics.MERGES.labels(kind=KIND).inc()
         pods.append(build_merge_pod(spec, plan.create_merge))
+    if plan.create_init:
+        pods.append(build_init_pod(spec))
     key = (spec.namespace, spec.name)
     trace(key, "pods-built")
     posted_pods.update((spec.namespace, pod["metadata"]["name"]) for pod in pods)  # before: events can beat replies
     created = run_all([lambda pod=pod: k8s.create(pod) for pod in pods])
     trace(key, "pods-posted")
     if plan.ensure_children:
-        run_all([lambda: ensure_config_map(spec), lambda: k8s.create(build_service(spec))])
+        run_all([lambda: ensure_config_map(spec, plan.config_yaml), lambda: k8s.create(build_service(spec))])
         trace(key, "children-posted")
     ranks = len(plan.create_ranks)
     return ranks > 0 and all(result is True for result in created[:ranks])
@@ -337,8 +382,9 @@ def log_failure(future: Future[object]) -> None:
         logger.warning("posting an Event failed: %s", future.exception())
 
 
-def ensure_config_map(spec: FinetuneSpec) -> None:
-    config_map = build_config_map(spec)
+def ensure_config_map(spec: FinetuneSpec, rendered: str | None = None) -> None:
+    """The ConfigMap, from the YAML `decide` rendered (rendered again only when a caller has none)."""
+    config_map = build_config_map(spec) if rendered is None else build_config_map(spec, lambda _: rendered)
     k8s.create_or_patch(config_map, {"data": config_map["data"]})
 
 
@@ -361,6 +407,7 @@ async def finetune_changed(type: str | None, body: Mapping[str, Any], name: str,
     trace(key, f"watch-{type}")
     if type == "DELETED":
         unstarted_jobs.pop(key, None)
+        refusals.succeeded(key)
         pod_versions.pop(key, None)
         own_status_writes.pop(key, None)
         progress_poller.forget(key)

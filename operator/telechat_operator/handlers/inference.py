@@ -8,6 +8,8 @@ carry the hash of what they were built from and are written only when it changes
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import threading
 from collections.abc import Hashable, Mapping
@@ -35,10 +37,13 @@ from telechat_operator.builders.inference import (
 )
 from telechat_operator.builders.inference_groups import (
     GroupPod,
+    backoff_message,
     build_group_pod,
     build_group_service,
     group_template_hash,
     plan_groups,
+    read_group_backoff,
+    update_group_backoff,
 )
 from telechat_operator.inference_spec import InferenceSpec, ResolvedCheckpoint, parse_inference, resolve_path_checkpoint
 from telechat_operator.inference_status import (
@@ -48,12 +53,15 @@ from telechat_operator.inference_status import (
     deployment_view,
     finetune_of,
     invalid_spec_status,
+    refused_status,
     resolve_finetune_checkpoint,
     transition_events,
 )
+from telechat_operator.refusals import RefusalTracker, is_spec_error, refusal_message
 from telechat_operator.settings import OperatorConfig
 from telechat_operator.spec import SpecError
-from telechat_operator.status import Event
+from telechat_operator.spec_common import check_host_paths
+from telechat_operator.status import Backoff, Event
 from telechat_operator.workqueue import WorkQueue
 
 logger = logging.getLogger(__name__)
@@ -152,16 +160,35 @@ def _remove_groups(spec: InferenceSpec) -> None:
         k8s.delete_child("Service", spec.namespace, service["metadata"]["name"])
 
 
+@dataclasses.dataclass
+class GroupsOutcome:
+    """What a pass over multi-node groups observed and decided, for the status and the requeue."""
+
+    workload: WorkloadView
+    recreated: int  # groups torn down after a failure in this pass
+    backoff: list[dict[str, Any]]  # status.groupBackoff
+    wake: float | None  # look again this soon: pods terminate, or a group's backoff ends
+
+
 def reconcile_groups(
-    spec: InferenceSpec, checkpoint: ResolvedCheckpoint, config_hash: str, events: list[Event]
-) -> tuple[WorkloadView, int, bool]:
-    """Multi-node replicas: returns the counts, the groups recreated after a failure, and whether pods terminate."""
+    spec: InferenceSpec,
+    checkpoint: ResolvedCheckpoint,
+    config_hash: str,
+    events: list[Event],
+    old: Mapping[str, Any],
+    now: datetime,
+) -> GroupsOutcome:
+    """Multi-node replicas: create, recreate (after a backoff) and roll groups; count them."""
     deployment = k8s.get_child("Deployment", spec.namespace, deployment_name(spec.name))
     if deployment is not None and owned_by(deployment, spec.uid):
         k8s.delete_child("Deployment", spec.namespace, deployment_name(spec.name))  # was single-node until now
     template_hash = group_template_hash(spec, checkpoint, config_hash)
     pods = [GroupPod.from_body(pod) for pod in _group_children("Pod", spec)]
-    plan = plan_groups(spec, pods, template_hash)
+    previous = read_group_backoff(old)
+    plan = plan_groups(spec, pods, template_hash, {g: e.next_attempt for g, e in previous.items()}, now)
+    backoff = Backoff(config.backoff_base_seconds, config.backoff_max_seconds)
+    stable = config.group_stable_seconds
+    entries = update_group_backoff(previous, plan, spec.replicas, now, backoff.delay, stable)
 
     services = {int(s["metadata"]["labels"][ic.LABEL_GROUP_INDEX]): s for s in _group_children("Service", spec)}
     for group, service in services.items():
@@ -182,19 +209,34 @@ def reconcile_groups(
 
     for group in plan.recreated:
         message = next((m for m in plan.messages if m.startswith(f"group {group}:")), f"group {group} recreated")
-        events.append(Event("Warning", "GroupRecreated", message))
+        wait = (entries[group].next_attempt - now).total_seconds()
+        events.append(Event("Warning", "GroupRecreated", f"{message} in {wait:g}s"))
     for group in plan.rolled:
         events.append(Event("Normal", "GroupRolled", f"group {group}: recreating it with the current spec"))
+    waiting = set(plan.backing_off) | set(plan.recreated)
+    waiting_message = backoff_message(entries, plan)
     workload = WorkloadView(
         desired=spec.replicas,
         replicas=plan.replicas,
         ready=plan.ready,
         updated=plan.updated,
         recreating=bool(plan.restarting),
-        message="; ".join(plan.messages),
+        message="; ".join([*plan.messages, waiting_message] if waiting_message else plan.messages),
+        crash_looping=any(entries[g].failures >= 2 for g in waiting if g in entries),
     )
     terminating = bool(plan.delete) or any(pod.deleting for pod in pods)
-    return workload, len(plan.recreated), terminating
+    wakes = [TEARDOWN_POLL_SECONDS] if terminating else []
+    wakes += [max(seconds, 0.5) for seconds in plan.backing_off.values()]
+    # A ready group still in backoff: look again when it has been stable long enough to clear it.
+    wakes += [
+        max((entries[g].next_attempt - now).total_seconds() + stable, 0.5) for g in plan.ready_groups if g in entries
+    ]
+    return GroupsOutcome(
+        workload=workload,
+        recreated=len(plan.recreated),
+        backoff=[entries[group].as_status() for group in sorted(entries)],
+        wake=min(wakes, default=None),
+    )
 
 
 def reconcile_inference(key: Hashable) -> float | None:
@@ -214,20 +256,37 @@ def reconcile_inference(key: Hashable) -> float | None:
         requeue: float | None = config.resync_seconds
         try:
             spec = parse_inference(body)
-            new, restarts, terminating = _reconcile_spec(spec, old, now, events)
+            check_host_paths(spec.volumes, config.allowed_host_paths)
+            new, restarts, wake = _reconcile_spec(spec, old, now, events)
         except Stale as err:
             logger.info("%s/%s: %s", namespace, name, err)
             return 1.0
-        except (SpecError, ConfigError, k8s.ApiError) as err:
-            if isinstance(err, k8s.ApiError) and err.status not in (400, 422):
-                raise  # transient: the work queue retries with backoff
+        except k8s.ApiError as err:
+            if is_spec_error(err.status, err.message):
+                new = invalid_spec_status(
+                    old, generation=generation, now=now, selector=selector, error=_why_invalid(err)
+                )
+            else:  # 403 from admission, 500 from an apply, ...: say which object and why, retry with backoff
+                count, requeue = refusals.refused(key, Backoff(config.backoff_base_seconds, config.backoff_max_seconds))
+                message = refusal_message(err.describe(), count, requeue)
+                logger.warning("%s/%s: %s", namespace, name, message)
+                new = refused_status(old, generation=generation, now=now, selector=selector, message=message)
+            restarts, wake = 0, None
+        except (SpecError, ConfigError) as err:
             new = invalid_spec_status(old, generation=generation, now=now, selector=selector, error=_why_invalid(err))
-            restarts, terminating = 0, False
-        if terminating:
-            requeue = TEARDOWN_POLL_SECONDS
+            restarts, wake = 0, None
+        else:
+            refusals.succeeded(key)
+        if wake is not None:
+            requeue = wake if requeue is None else min(requeue, wake)
         patch = status_patch(old, new)
         if patch:
-            k8s.patch_inference_status(namespace, name, patch)
+            own_status_writes[key] = (generation, json.loads(json.dumps(new, default=str)))
+            try:
+                k8s.patch_inference_status(namespace, name, patch)
+            except Exception:
+                own_status_writes.pop(key, None)  # not written: an event with this status is not our echo
+                raise
         if restarts:
             metrics.RESTARTS.labels(kind=KIND).inc(restarts)
         for event in [*transition_events(old, new), *events]:
@@ -238,20 +297,22 @@ def reconcile_inference(key: Hashable) -> float | None:
 
 def _reconcile_spec(
     spec: InferenceSpec, old: Mapping[str, Any], now: datetime, events: list[Event]
-) -> tuple[dict[str, Any], int, bool]:
+) -> tuple[dict[str, Any], int, float | None]:
+    """The new status, the groups recreated in this pass, and how soon to look again (None: the resync)."""
     selector = selector_string(serving_selector(spec))
     resolved = resolve_checkpoint(spec)
     if isinstance(resolved, Gate):
         # Nothing to serve yet (or ever, for a failed finetune): no pods; running ones, if any, keep serving.
         status = compute_status(old, generation=spec.generation, now=now, selector=selector, gate=resolved)
-        return status, 0, False
+        return status, 0, None
     data = config_map_data(spec, resolved)
     config_hash = stable_hash(data)
     ensure(spec, build_config_map(spec, data))
     ensure(spec, build_service(spec))
-    restarts, terminating = 0, False
+    restarts, wake, backoff = 0, None, None
     if spec.multi_node:
-        workload, restarts, terminating = reconcile_groups(spec, resolved, config_hash, events)
+        outcome = reconcile_groups(spec, resolved, config_hash, events, old, now)
+        workload, restarts, wake, backoff = outcome.workload, outcome.recreated, outcome.wake, outcome.backoff
     else:
         workload = reconcile_deployment(spec, resolved, config_hash)
     status = compute_status(
@@ -263,16 +324,17 @@ def _reconcile_spec(
         checkpoint=resolved.path,
         workload=workload,
         group_restarts=restarts,
+        group_backoff=backoff,
     )
-    return status, restarts, terminating
+    return status, restarts, wake
 
 
 def _why_invalid(err: Exception) -> str:
     """InvalidSpec message: the field for a SpecError, the config for telechat2, the child for an apiserver 4xx."""
     if isinstance(err, ConfigError):
         return f"spec: telechat2 cannot render the predict config: {err}"
-    if isinstance(err, k8s.ApiError):
-        return f"spec: the apiserver rejected a child built from it: {err.message}"  # a malformed volume, say
+    if isinstance(err, k8s.ApiError):  # a malformed volume, or an unknown field (strict field validation)
+        return f"spec: the apiserver rejected a child built from it: {err.describe()}"
     return str(err)
 
 
@@ -285,6 +347,19 @@ def _state(status: Mapping[str, Any]) -> str:
 
 
 queue = WorkQueue(KIND, reconcile_inference, workers=config.reconcile_workers)
+# Consecutive API refusals per inference (see `refusals`): the n-th waits like the finetune's n-th restart.
+refusals = RefusalTracker()
+# Each inference's status as this operator last wrote it, with the generation: a watch event carrying exactly that is
+# our own write's echo, and reconciling it again would only cut a refusal's backoff short (as for the finetune).
+own_status_writes: dict[Hashable, tuple[int, dict[str, Any]]] = {}
+
+
+def is_own_echo(key: Hashable, body: Mapping[str, Any]) -> bool:
+    written = own_status_writes.get(key)
+    meta = body.get("metadata") or {}
+    if written is None or meta.get("deletionTimestamp"):
+        return False
+    return written == (int(meta.get("generation", 0)), body.get("status") or {})
 
 
 @kopf.on.startup()
@@ -299,8 +374,12 @@ async def inference_changed(type: str | None, body: Mapping[str, Any], name: str
         queue.forget((namespace, name))
         states.observe((namespace, name), None)
         remember_finetune(namespace, name, None)
+        refusals.succeeded((namespace, name))
+        own_status_writes.pop((namespace, name), None)
         return
     remember_finetune(namespace, name, finetune_of(body))
+    if is_own_echo((namespace, name), body):
+        return
     queue.trigger((namespace, name))
 
 

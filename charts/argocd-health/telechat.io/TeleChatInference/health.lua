@@ -9,6 +9,7 @@ local hs = {}
 local FAILURE_REASONS = {
   InvalidSpec = true,
   FinetuneFailed = true,
+  ModelMismatch = true,
   ProgressDeadlineExceeded = true,
 }
 -- Progressing reasons that mean the rollout is finished.
