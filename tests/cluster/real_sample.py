@@ -104,9 +104,20 @@ def import_into_nodes(state_dir: Path, count: int, refs: Mapping[str, images.Ima
         list(pool.map(lambda i: images.import_images(node_socket(state_dir, i), refs), range(count)))
 
 
-def install_operator(cluster: ClusterHandle, image: images.ImageRef) -> images.OperatorRelease:
-    values = {"nodeSelector": {nodes.NODE_KIND_LABEL: nodes.REAL_NODE_KIND}, "env": OPERATOR_ENV}
-    return images.install_operator_chart(cluster, image, values, timeout=300)
+def operator_values(allowed_host_paths: Iterable[Path | str]) -> dict[str, Any]:
+    """Chart values on top of images.operator_chart_values: on a real node, quick restarts, and the shared
+    directory allowed as a hostPath (the operator refuses any other; TELECHAT_OPERATOR_ALLOWED_HOSTPATHS)."""
+    return {
+        "nodeSelector": {nodes.NODE_KIND_LABEL: nodes.REAL_NODE_KIND},
+        "env": OPERATOR_ENV,
+        "hostPaths": {"allowed": [str(path) for path in allowed_host_paths]},
+    }
+
+
+def install_operator(
+    cluster: ClusterHandle, image: images.ImageRef, allowed_host_paths: Iterable[Path | str]
+) -> images.OperatorRelease:
+    return images.install_operator_chart(cluster, image, operator_values(allowed_host_paths), timeout=300)
 
 
 def finetune_manifest(
@@ -172,11 +183,11 @@ def run_sample(
     refs = images.ensure_images(["operator", "runtime"])
     log(f"real_sample: importing {', '.join(r.ref for r in refs.values())} into {count} real node(s)")
     import_into_nodes(cluster.state_dir, count, refs)
-    release = install_operator(cluster, refs["operator"])
-    log(f"real_sample: operator {release.image} running in {release.namespace} (Helm release {release.release})")
-    make_driver_stand_ins()
     shared = cluster.state_dir / SHARED_DIR
     prepare_data(shared)
+    release = install_operator(cluster, refs["operator"], [shared])
+    log(f"real_sample: operator {release.image} running in {release.namespace} (Helm release {release.release})")
+    make_driver_stand_ins()
     body = finetune_manifest(SAMPLE_JOB, refs["runtime"].ref, shared, nodes_count=min(count, 2))
     cluster.kubectl("apply", "--namespace=default", "--filename=-", input=json.dumps(body))
     log(f"real_sample: applied TeleChatFinetune default/{SAMPLE_JOB} (output under {shared}/output/{SAMPLE_JOB})")

@@ -49,11 +49,12 @@ def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def operator_in_cluster(real_cluster: ClusterHandle) -> Iterator[dict[str, images.ImageRef]]:
-    """Both images in both real nodes (imported in parallel), the operator installed by its chart."""
+def operator_in_cluster(real_cluster: ClusterHandle, shared_dir: Path) -> Iterator[dict[str, images.ImageRef]]:
+    """Both images in both real nodes (imported in parallel), the operator installed by its chart, allowed to
+    mount the shared directory."""
     refs = images.ensure_images(["operator", "runtime"])
     real_sample.import_into_nodes(real_cluster.state_dir, REAL_NODES, refs)
-    release = real_sample.install_operator(real_cluster, refs["operator"])
+    release = real_sample.install_operator(real_cluster, refs["operator"], [shared_dir])
     yield refs
     images.uninstall_operator_chart(real_cluster, release)
 

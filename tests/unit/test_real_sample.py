@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from telechat_operator import constants as c
 from telechat_operator.builders.pods import build_rank_pod
 from telechat_operator.inference_spec import parse_inference
@@ -55,3 +56,20 @@ def test_sample_inference_serves_the_finetune_with_the_datasets_tokenizer() -> N
     assert spec.from_finetune == "job"
     assert spec.vocab_file == f"{real_sample.MOUNT}/data/tokenizer.model"
     assert spec.node_selector == {"type": "real"}
+
+
+def test_the_operator_values_allow_exactly_the_shared_dir_and_the_chart_passes_them_on(tmp_path: Path) -> None:
+    from telechat_operator.settings import OperatorConfig
+    from telechat_operator.spec_common import SpecError, check_host_paths
+
+    from tests.cluster import images
+
+    values = images.operator_chart_values("localhost/telechat-operator:abc", real_sample.operator_values([tmp_path]))
+    assert values["hostPaths"] == {"allowed": [str(tmp_path)]}
+    assert values["nodeSelector"]["type"] == "real" and values["image"]["pullPolicy"] == "Never"
+    env = {"TELECHAT_OPERATOR_ALLOWED_HOSTPATHS": ",".join(values["hostPaths"]["allowed"])}
+    allowed = OperatorConfig.from_env(env).allowed_host_paths
+    body = real_sample.finetune_manifest("job", "img", tmp_path)
+    check_host_paths(body["spec"]["volumes"], allowed)  # admitted
+    with pytest.raises(SpecError):
+        check_host_paths(real_sample.finetune_manifest("job", "img", tmp_path.parent)["spec"]["volumes"], allowed)
