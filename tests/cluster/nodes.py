@@ -201,7 +201,11 @@ def kubelet_config(
         "resolvConf": str(resolv_conf),
         "containerRuntimeEndpoint": socket,
         "imageServiceEndpoint": socket,
-        "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
+        # Absolute and small: the nodes share this machine's disk with everything else on it (image archives,
+        # other builds), and 1% of a large disk (2.5 GB of 252 GB) was crossed by someone else's build, which
+        # evicted every pod and tainted both nodes for 5 minutes. Only a really full disk evicts now.
+        "evictionHard": {"memory.available": "100Mi", "nodefs.available": "256Mi", "imagefs.available": "256Mi"},
+        "evictionPressureTransitionPeriod": "30s",
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
         "serializeImagePulls": False,

@@ -26,7 +26,7 @@ from tests.cluster.controlplane import DEFAULT_STATE_DIR, ClusterHandle
 MOUNT = "/mnt/telechat"
 SAMPLE_JOB = "telechat2-tiny-sample"
 SHARED_DIR = "shared"  # under the cluster's state dir: the sample's hostPath
-LINES = 800  # two samples per packed 65-token row: 400 rows, 100 steps per rank at batch 2 with 2 ranks
+LINES = 160  # packed into 65-token rows: 30 steps per rank at batch 2 with 2 ranks (~7 s a step on a busy CPU)
 PAIRS = [
     ("what is the capital of France", "Paris is the capital of France"),
     ("name a colour", "blue is a colour"),

@@ -195,7 +195,13 @@ def test_finetune_kill_resume_merge_then_serve(
         timeout=1800,
     )
     status = done["status"]
-    assert status["attempt"] == 2 and status["restarts"] == 1
+    # At least the restart the kill caused (a busy machine may add one, e.g. an eviction, and that is fine too).
+    assert status["attempt"] >= 2 and status["restarts"] >= 1
+    restarted = cluster.kubectl(
+        f"--namespace={ns}", "get", "events", f"--field-selector=involvedObject.name={JOB},reason=Restarting",
+        "--output=jsonpath={.items[*].message}",
+    ).stdout  # fmt: skip
+    assert "rank 1 failed with exit code 137" in restarted, restarted
     # Resumed, not restarted: after the kill rank 0's step count continues past the checkpoint's step, and the run
     # ends at the last step once, instead of counting from 1 again.
     steps, total = steps_logged(output)

@@ -81,6 +81,9 @@ def test_kubelet_configs_of_two_nodes_do_not_share_cgroups_ports_or_dirs(tmp_pat
         assert config["readOnlyPort"] == 0
         assert Path(config["podLogsDir"]).is_relative_to(tmp_path)  # never the host's /var/log/pods
         assert Path(config["volumePluginDir"]).is_relative_to(tmp_path)
+        # The disk is shared with the whole machine: eviction only when it is really full, never by a percentage.
+        assert config["evictionHard"]["nodefs.available"] == config["evictionHard"]["imagefs.available"] == "256Mi"
+        assert config["imageGCHighThresholdPercent"] == 100  # imported images cannot be pulled again
 
 
 def test_real_mode_api_server_binds_the_bridge_and_reaches_kubelets_by_ip(tmp_path: Path) -> None:
