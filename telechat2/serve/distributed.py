@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from telechat2.serve.engine import Engine, SamplingParams
+from telechat2.serve.engine import Batch, Emission, Engine, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,35 @@ class _Channel:
         self.sock.close()
 
 
+def _params(sent: dict[str, Any]) -> SamplingParams:
+    return SamplingParams(**{**sent, "stop_token_ids": tuple(sent["stop_token_ids"])})
+
+
+class LeaderBatch:
+    """Rank 0's decode batch: each operation goes to the followers first, then runs here.
+
+    Followers apply the same operations to their own batch in the same order, so every rank runs the same prefills
+    and batched steps (the collectives inside match) and picks the same tokens (same logits, same seeds); a
+    sequence that ends on a stop token or its budget ends on every rank by itself.
+    """
+
+    def __init__(self, batch: Batch, broadcast: Callable[[dict[str, Any]], None]) -> None:
+        self.batch = batch
+        self.broadcast = broadcast
+
+    def add(self, seq_id: int, input_ids: list[int], params: SamplingParams) -> Emission:
+        self.broadcast({"type": "add", "seq": seq_id, "input_ids": list(input_ids), "params": asdict(params)})
+        return self.batch.add(seq_id, input_ids, params)
+
+    def step(self) -> list[Emission]:
+        self.broadcast({"type": "step_batch"})
+        return self.batch.step()
+
+    def remove(self, seq_id: int) -> None:
+        self.broadcast({"type": "remove", "seq": seq_id})
+        self.batch.remove(seq_id)
+
+
 class LeaderEngine:
     """Rank 0's engine: the real one, plus broadcasting each job and each step's stop decision to followers."""
 
@@ -163,6 +192,12 @@ class LeaderEngine:
         self.defaults = engine.defaults
         self.followers = followers
         self._job = 0
+        if callable(getattr(engine, "open_batch", None)):
+            self.open_batch = self._open_batch  # batched lockstep only when the real engine can batch
+
+    def _open_batch(self, max_batch: int) -> LeaderBatch:
+        self._broadcast({"type": "open_batch", "max_batch": max_batch})
+        return LeaderBatch(self.engine.open_batch(max_batch), self._broadcast)  # type: ignore[attr-defined]
 
     def _broadcast(self, message: dict[str, Any]) -> None:
         for follower in self.followers:
@@ -239,13 +274,15 @@ def follow(load: Callable[[], Engine], host: str, control_port: int) -> int:
     def next_message() -> dict[str, Any] | None:
         return stashed.pop() if stashed else channel.receive()
 
+    mirror = BatchMirror(engine)
     try:
         while (message := next_message()) is not None:
+            if mirror.apply(message):
+                continue
             if message["type"] != "job":
                 continue  # a stray decision of a job this rank already finished
             job = message["job"]
-            sent = message["params"]
-            params = SamplingParams(**{**sent, "stop_token_ids": tuple(sent["stop_token_ids"])})
+            params = _params(message["params"])
 
             def should_stop(job: int = job) -> bool:
                 decision = next_message()
@@ -261,3 +298,50 @@ def follow(load: Callable[[], Engine], host: str, control_port: int) -> int:
     finally:
         channel.close()
     return 0
+
+
+class BatchMirror:
+    """A follower's copy of rank 0's decode batch: applies rank 0's batch operations in the order they come.
+
+    A failure here is the failure rank 0 had with the same operation (same inputs, same model), so it is logged
+    and the follower goes on, as rank 0's scheduler does.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.batch: Batch | None = None
+        self.generated: dict[int, int] = {}
+
+    def apply(self, message: dict[str, Any]) -> bool:
+        """True if `message` was a batch operation (and it has been applied)."""
+        kind = message["type"]
+        if kind not in ("open_batch", "add", "step_batch", "remove"):
+            return False
+        try:
+            if kind == "open_batch":
+                self.batch = self.engine.open_batch(message["max_batch"])  # type: ignore[attr-defined]
+                self.generated.clear()
+            elif self.batch is None:
+                raise RuntimeError(f"rank 0 sent {kind!r} before opening a batch")
+            elif kind == "add":
+                self.generated[message["seq"]] = 0
+                self._count([self.batch.add(message["seq"], message["input_ids"], _params(message["params"]))])
+            elif kind == "step_batch":
+                self._count(self.batch.step())
+            else:
+                self.batch.remove(message["seq"])
+                self._ended(message["seq"])
+        except Exception:
+            log.exception("batch operation %r failed (as it did on rank 0)", kind)
+        return True
+
+    def _count(self, emitted: list[Emission]) -> None:
+        for emission in emitted:
+            if emission.token is not None:
+                self.generated[emission.seq_id] = self.generated.get(emission.seq_id, 0) + 1
+            if emission.finish is not None:
+                self._ended(emission.seq_id)
+
+    def _ended(self, seq_id: int) -> None:
+        if seq_id in self.generated:
+            log.info("job %d: %d tokens in lockstep with rank 0", seq_id, self.generated.pop(seq_id))

@@ -1,8 +1,9 @@
 """The model behind the server, as a small interface: ids in, a stream of ids out.
 
-The HTTP layer only needs `Engine`: a tokenizer, default sampling parameters and `stream(...)`. `TeleChat2Engine`
-is the real one (MindSpore model + TeleChat2 tokenizer + `telechat2.generation.stream_generate`); narrow unit tests
-(queue full, disconnects) plug in a slow fake to control timing.
+The HTTP layer only needs `Engine`: a tokenizer, default sampling parameters and `stream(...)`; an engine that also
+has `open_batch(max_batch)` is run with continuous batching (`Batch`). `TeleChat2Engine` is the real one (MindSpore
+model + TeleChat2 tokenizer; `telechat2.batched.BatchGenerator` for batches, `telechat2.generation.stream_generate`
+for one sequence); narrow unit tests (queue full, disconnects) plug in a slow stream-only fake to control timing.
 """
 
 from __future__ import annotations
@@ -61,6 +62,28 @@ class Engine(Protocol):
         ...
 
 
+class Emission(Protocol):
+    """One sequence's output of a batch operation (`telechat2.batched.Emitted`)."""
+
+    seq_id: int
+    token: int | None  # None when the sequence ended without a token (a stop token)
+    finish: str | None  # "stop" or "length" once the sequence has ended, else None
+
+
+class Batch(Protocol):
+    """A running decode batch (continuous batching); used by the scheduler thread only.
+
+    Engines that can batch have `open_batch(max_batch) -> Batch`; the scheduler then runs requests together.
+    Engines with `stream` only (the narrow tests' fakes) run one request at a time.
+    """
+
+    def add(self, seq_id: int, input_ids: list[int], params: SamplingParams) -> Emission: ...
+
+    def step(self) -> list[Emission]: ...
+
+    def remove(self, seq_id: int) -> None: ...
+
+
 class TeleChat2Engine:
     """TeleChat2 on MindSpore: `telechat2.predict.load_model` + `telechat2.generation.stream_generate`."""
 
@@ -105,6 +128,28 @@ class TeleChat2Engine:
         from telechat2.generation import stream_generate
 
         return stream_generate(self.model, input_ids, to_generation_config(params), should_stop=should_stop)
+
+    def open_batch(self, max_batch: int) -> ModelBatch:
+        """A decode batch of up to `max_batch` sequences over this model (`telechat2.batched.BatchGenerator`)."""
+        from telechat2.batched import BatchGenerator
+
+        return ModelBatch(BatchGenerator(self.model, max_batch))
+
+
+class ModelBatch:
+    """`BatchGenerator` behind the `Batch` interface: sampling parameters in the server's terms."""
+
+    def __init__(self, generator: Any) -> None:
+        self.generator = generator
+
+    def add(self, seq_id: int, input_ids: list[int], params: SamplingParams) -> Emission:
+        return self.generator.add(seq_id, input_ids, to_generation_config(params))
+
+    def step(self) -> list[Emission]:
+        return self.generator.step()
+
+    def remove(self, seq_id: int) -> None:
+        self.generator.remove(seq_id)
 
 
 def generation_defaults() -> SamplingParams:
