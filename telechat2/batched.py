@@ -141,6 +141,7 @@ class _Sequence:
     budget: int
     generated: int = 0
     stop_ids: frozenset[int] = field(default_factory=frozenset)
+    fed: int | None = None  # prompt tokens already through the step (None: prefilled at `add`)
 
 
 class BatchGenerator:
@@ -152,7 +153,7 @@ class BatchGenerator:
     seq_length - prompt) tokens at most.
     """
 
-    def __init__(self, model, max_batch: int, rotary: Rotary | None = None) -> None:
+    def __init__(self, model, max_batch: int, rotary: Rotary | None = None, prompt_in_step: int = 0) -> None:
         if ms.get_context("mode") != ms.PYNATIVE_MODE:
             raise RuntimeError("generation needs PyNative mode: mindspore.set_context(mode=mindspore.PYNATIVE_MODE)")
         self.model = model
@@ -162,6 +163,7 @@ class BatchGenerator:
         self.rotary = rotary or TableRotary(model)
         self.max_length = model.architecture.seq_length
         self.vocab_size = model.architecture.vocab_size
+        self.prompt_in_step = prompt_in_step
         self.sequences: dict[int, _Sequence] = {}
         self.rows: list[int | None] = []  # row -> seq_id (None: free); len == the current bucket
         self.keys: tuple[Tensor, ...] = ()
@@ -195,8 +197,11 @@ class BatchGenerator:
             )
         return ids
 
-    def add(self, seq_id: int, input_ids: Sequence[int], config: GenerationConfig) -> Emitted:
-        """Prefill `input_ids` (alone, as `stream_generate` does) and pick the first token."""
+    def add(self, seq_id: int, input_ids: Sequence[int], config: GenerationConfig) -> Emitted | None:
+        """Take a sequence in; a prompt longer than `prompt_in_step` tokens is prefilled now, alone (as
+        `stream_generate` does), and its first token returned. A shorter one goes through the batched step a token
+        per step alongside the others (None now; its first token comes from the step that reads its last prompt
+        token): on CPU a compiled step costs far less than the operator-by-operator prefill."""
         if seq_id in self.sequences:
             raise ValueError(f"sequence {seq_id} is already running")
         if not self.has_room():
@@ -209,8 +214,13 @@ class BatchGenerator:
             budget=min(config.max_new_tokens, self.max_length - len(ids)),
             stop_ids=frozenset(config.stop_token_ids),
         )
-        logits, cache = self.model.forward(Tensor(np.asarray([ids], np.int32)), last_only=True)
         row = self._free_row()
+        if len(ids) <= self.prompt_in_step:
+            seq.fed = 0
+            self.rows[row] = seq_id
+            self.sequences[seq_id] = seq
+            return None
+        logits, cache = self.model.forward(Tensor(np.asarray([ids], np.int32)), last_only=True)
         self._write_row(row, cache)
         self.rows[row] = seq_id
         self.sequences[seq_id] = seq
@@ -288,16 +298,26 @@ class BatchGenerator:
             return []
         tokens = np.zeros(self.capacity, np.int64)
         positions = np.zeros(self.capacity, np.int64)
+        reading_prompt: set[int] = set()  # rows whose step reads a prompt token that is not the last one
         for row, seq_id in enumerate(self.rows):
-            if seq_id is not None:
-                ids = self.sequences[seq_id].ids
-                tokens[row], positions[row] = ids[-1], len(ids) - 1
+            if seq_id is None:
+                continue
+            seq = self.sequences[seq_id]
+            if seq.fed is not None and seq.fed < len(seq.ids):  # still reading its prompt
+                tokens[row], positions[row] = seq.ids[seq.fed], seq.fed
+                seq.fed += 1
+                if seq.fed < len(seq.ids):
+                    reading_prompt.add(row)
+                else:
+                    seq.fed = None  # the last prompt token: this step's logits give the first new token
+            else:
+                tokens[row], positions[row] = seq.ids[-1], len(seq.ids) - 1
         cos, sin = self.rotary(positions)
         logits, self.keys, self.values = self.decoder.step(tokens, positions, cos, sin, self.keys, self.values)
         rows = logits.asnumpy()[:, -1]
         emitted = []
         for row, seq_id in enumerate(list(self.rows)):
-            if seq_id is not None:
+            if seq_id is not None and row not in reading_prompt:
                 emitted.append(self._pick(seq_id, self.sequences[seq_id], rows[row]))
         return emitted
 

@@ -7,10 +7,13 @@ N times the memory for one model's throughput); anything else is refused.
 
 Either way every rank must run the same forward passes in the same order: with tensor parallelism the collectives
 inside the model deadlock otherwise. So rank 0 runs the HTTP server and the scheduler as usual, and its engine is a
-`LeaderEngine`: before each job it sends the job (ids + sampling parameters, the seed already resolved) to every
-follower, and at each step it sends its `should_stop` decision. A follower runs the same `stream` with a
-`should_stop` that reads that decision, so all ranks do the same steps, pick the same tokens (same logits, same
-seed) and stop together, including on client disconnects. The channel is a TCP connection per follower to rank 0
+`LeaderEngine`. With continuous batching its decode batch is a `LeaderBatch`: every batch operation (open, add a
+request with its ids and sampling parameters, the seed already resolved; one batched step; remove a cancelled
+request) goes to the followers before it runs on rank 0, and each follower's `BatchMirror` applies the same
+operations to its own batch, so all ranks run the same prefills and steps and pick the same tokens (same logits,
+same seeds). For a stream-only engine, rank 0 sends each job and, at each step, its `should_stop` decision; a
+follower runs the same `stream` with a `should_stop` that reads that decision. Either way ranks stop together,
+including on client disconnects. The channel is a TCP connection per follower to rank 0
 (JSON lines) on `--control-port` (default --port + 1), found through msrun's MS_SCHED_HOST (rank 0 runs on the
 master node). Both layouts run, and are tested, on CPU with real msrun processes.
 """
@@ -170,7 +173,7 @@ class LeaderBatch:
         self.batch = batch
         self.broadcast = broadcast
 
-    def add(self, seq_id: int, input_ids: list[int], params: SamplingParams) -> Emission:
+    def add(self, seq_id: int, input_ids: list[int], params: SamplingParams) -> Emission | None:
         self.broadcast({"type": "add", "seq": seq_id, "input_ids": list(input_ids), "params": asdict(params)})
         return self.batch.add(seq_id, input_ids, params)
 
@@ -325,7 +328,8 @@ class BatchMirror:
                 raise RuntimeError(f"rank 0 sent {kind!r} before opening a batch")
             elif kind == "add":
                 self.generated[message["seq"]] = 0
-                self._count([self.batch.add(message["seq"], message["input_ids"], _params(message["params"]))])
+                emission = self.batch.add(message["seq"], message["input_ids"], _params(message["params"]))
+                self._count([emission] if emission is not None else [])
             elif kind == "step_batch":
                 self._count(self.batch.step())
             else:

@@ -18,6 +18,7 @@ from telechat2.tokenizer import EOS_ID
 
 log = logging.getLogger(__name__)
 
+PROMPT_IN_STEP_CPU = 64  # see TeleChat2Engine.open_batch
 _YAML_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
 
 
@@ -77,7 +78,9 @@ class Batch(Protocol):
     Engines with `stream` only (the narrow tests' fakes) run one request at a time.
     """
 
-    def add(self, seq_id: int, input_ids: list[int], params: SamplingParams) -> Emission: ...
+    def add(self, seq_id: int, input_ids: list[int], params: SamplingParams) -> Emission | None:
+        """Join the batch; the first token now (prompt prefilled at once), or None (it comes from a `step`)."""
+        ...
 
     def step(self) -> list[Emission]: ...
 
@@ -130,10 +133,18 @@ class TeleChat2Engine:
         return stream_generate(self.model, input_ids, to_generation_config(params), should_stop=should_stop)
 
     def open_batch(self, max_batch: int) -> ModelBatch:
-        """A decode batch of up to `max_batch` sequences over this model (`telechat2.batched.BatchGenerator`)."""
+        """A decode batch of up to `max_batch` sequences over this model (`telechat2.batched.BatchGenerator`).
+
+        On CPU, prompts up to PROMPT_IN_STEP_CPU tokens are read by the compiled batched step (a token per step,
+        alongside the running sequences) rather than by the operator-by-operator prefill, which costs more there
+        than dozens of compiled steps; on Ascend every prompt is prefilled in one pass.
+        """
+        import mindspore as ms
+
         from telechat2.batched import BatchGenerator
 
-        return ModelBatch(BatchGenerator(self.model, max_batch))
+        in_step = PROMPT_IN_STEP_CPU if ms.get_context("device_target") == "CPU" else 0
+        return ModelBatch(BatchGenerator(self.model, max_batch, prompt_in_step=in_step))
 
 
 class ModelBatch:
@@ -142,7 +153,7 @@ class ModelBatch:
     def __init__(self, generator: Any) -> None:
         self.generator = generator
 
-    def add(self, seq_id: int, input_ids: list[int], params: SamplingParams) -> Emission:
+    def add(self, seq_id: int, input_ids: list[int], params: SamplingParams) -> Emission | None:
         return self.generator.add(seq_id, input_ids, to_generation_config(params))
 
     def step(self) -> list[Emission]:

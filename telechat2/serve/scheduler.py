@@ -255,7 +255,8 @@ class Scheduler:
             batch.remove(seq_id)
             self._finish(seq_id, "error", exc)
             return
-        self._deliver(emission)
+        if emission is not None:
+            self._deliver(emission)
 
     def _deliver(self, emission: Emission) -> None:
         seq_id = emission.seq_id
