@@ -120,7 +120,8 @@ def build_router(
             "model_id": s.model_name,
             "max_input_tokens": s.max_input_token_len,
             "max_total_tokens": s.max_seq_len,
-            "max_concurrent_requests": s.max_queue + 1,
+            "max_concurrent_requests": s.max_queue + s.max_batch_size,
+            "max_batch_size": s.max_batch_size,
             "router": "telechat2-serve",
             "version": __version__,
         }
