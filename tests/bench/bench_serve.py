@@ -10,9 +10,12 @@ started as its own process (as in a pod) with `--max-batch-size`. Then, in the s
 - N clients: N client threads, each posting its share of the same requests back to back (closed loop), so up to N
   requests decode together in the server's batch.
 Throughput is generated tokens over the wall time of the whole pass; latency is per request (post to answer).
-Every answer is checked equal to `generate()` run directly on the same prompt (greedy), so batching cannot look
-fast by doing less or by changing answers. Each way runs `--repeat` times after a warm-up pass (which compiles
-the batched step for every bucket); the best pass is reported and the slowest too (the machine is shared).
+Every answer's token ids (TGI `details`) are checked equal to `generate()` run directly on the same prompt
+(greedy), so batching cannot look fast by doing less or by changing answers. (Ids, not text: on a random model a
+control token can fall inside a byte-fallback character, and the streamed text of such garbage differs from a
+one-shot `decode` of all ids, with or without batching.) Each way runs `--repeat` times after a warm-up pass
+(which compiles the batched step for every bucket); the best pass is reported and the slowest too (the machine is
+shared).
 """
 
 from __future__ import annotations
@@ -113,9 +116,13 @@ def bench_model(args: argparse.Namespace, key: str, workdir: Path, vocab: Path, 
     inputs = [tokenizer.encode(text) for text in texts]
     # Explicit parameters on both sides, so the comparison does not hang on where defaults come from.
     config = GenerationConfig(do_sample=False, repetition_penalty=1.03, max_new_tokens=args.max_new_tokens)
-    parameters = {"do_sample": False, "repetition_penalty": 1.03, "max_new_tokens": args.max_new_tokens}
+    parameters = {
+        "do_sample": False,
+        "repetition_penalty": 1.03,
+        "max_new_tokens": args.max_new_tokens,
+        "details": True,
+    }
     expected_ids = [generate(model, ids, config) for ids in inputs]
-    expected = [tokenizer.decode(ids, skip_special_tokens=True) for ids in expected_ids]
     generated_tokens = sum(map(len, expected_ids))
 
     port = free_port()
@@ -131,8 +138,12 @@ def bench_model(args: argparse.Namespace, key: str, workdir: Path, vocab: Path, 
         started = time.perf_counter()
         response = client.post("/generate", json={"inputs": texts[index], "parameters": parameters})
         response.raise_for_status()
-        if response.json()["generated_text"] != expected[index]:
-            raise AssertionError(f"{key}: request {index}: the server's answer differs from direct generation")
+        got = [token["id"] for token in response.json()["details"]["tokens"]]
+        if got != expected_ids[index]:  # ids, not text: see the module docstring
+            raise AssertionError(
+                f"{key}: request {index}: the server's tokens differ from direct generation:\n"
+                f"server {got}\ndirect {expected_ids[index]}"
+            )
         return time.perf_counter() - started
 
     def run(way: str, record: bool) -> None:
@@ -213,10 +224,11 @@ def render(args: argparse.Namespace, results: dict[str, dict], loads: list[float
         "",
         f"Workload per pass: {args.requests} prompts, greedy (repetition penalty 1.03), max_new_tokens "
         f"{args.max_new_tokens}, `--max-seq-len {MAX_SEQ_LEN}`, `--max-batch-size {args.max_batch_size}`. The server "
-        "is `telechat2 serve` in its own process; clients are threads of the benchmark process. Every answer was "
-        "checked equal to `generate()` run directly on the same prompt. Throughput = generated tokens / wall time "
-        "of the pass (best pass); speed-up = against the sequential pass of the same run; latency = per request, "
-        "over all repeats; 'vs lone' = p95 latency over the sequential pass's median latency (a lone request).",
+        "is `telechat2 serve` in its own process; clients are threads of the benchmark process. Every answer's "
+        "token ids were checked equal to `generate()` run directly on the same prompt. Throughput = generated "
+        "tokens / wall time of the pass (best pass); speed-up = against the sequential pass of the same run; "
+        "latency = per request, over all repeats; 'vs lone' = p95 latency over the sequential pass's median "
+        "latency (a lone request).",
         "",
         "| model | way | wall best s | wall slowest s | tokens/s | speed-up | latency p50 / p95 s | p95 vs lone |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
