@@ -15,6 +15,7 @@ Without msrun, one process holds the whole model.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -73,13 +74,94 @@ def error_response(request: Request, error: ApiError) -> JSONResponse:
     return JSONResponse(content, status_code=error.status, headers=error.headers)
 
 
-async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
-    """Read and validate a JSON body; invalid JSON is a 400, a schema violation a 422 (TGI) or 400 (OpenAI)."""
-    raw = await request.body()
+MAX_JSON_DEPTH = 32  # request bodies nest 4-5 levels; tools' JSON schemas a few more
+MAX_INT_DIGITS = 4000  # below Python's int-conversion guard (4300): longer integers are refused, not a 500
+
+
+class _HugeInt(str):
+    """An integer literal too long to convert: kept as text, so validation names the field it sits in."""
+
+
+def _parse_int(text: str) -> int | str:
+    return int(text) if len(text.lstrip("-")) <= MAX_INT_DIGITS else _HugeInt(text)
+
+
+def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """Path of the first container nested deeper than `limit` in parsed JSON (iterative: no recursion), or None."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if depth > limit:
+            return path or "body"
+        if isinstance(item, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(item))
+    return None
+
+
+def deep_path_in_text(text: str, limit: int = MAX_JSON_DEPTH) -> str:
+    """Where raw JSON first nests deeper than `limit`, as a field path (for bodies too deep for `json.loads`)."""
+    frames: list[list[Any]] = []  # per open container: its bracket and the current key (object) or index (array)
+    index, size = 0, len(text)
+    while index < size:
+        char = text[index]
+        if char == '"':
+            end = index + 1
+            while end < size and text[end] != '"':
+                end += 2 if text[end] == "\\" else 1
+            after = end + 1
+            while after < size and text[after] in " \t\r\n":
+                after += 1
+            if frames and frames[-1][0] == "{" and after < size and text[after] == ":":
+                frames[-1][1] = text[index + 1 : end]
+            index = end + 1
+            continue
+        if char in "[{":
+            if len(frames) >= limit:
+                break
+            frames.append([char, 0 if char == "[" else None])
+        elif char in "]}" and frames:
+            frames.pop()
+        elif char == "," and frames and frames[-1][0] == "[":
+            frames[-1][1] += 1
+        index += 1
+    return field_name(tuple(frame[1] for frame in frames if frame[1] is not None))
+
+
+def _decode_json(raw: bytes) -> Any:
+    """json.loads with bounded integers and depth; an ApiError (400) names what is wrong."""
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(raw, parse_int=_parse_int)
+    except RecursionError:
+        where = deep_path_in_text(raw.decode("utf-8", "replace"))
+        raise ApiError(400, f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels", where) from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise ApiError(400, f"body: invalid JSON ({exc})", "body", error_type="invalid_json") from None
+    where = too_deep(data)
+    if where is not None:
+        raise ApiError(400, f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels", where)
+    return data
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` bytes (header or bytes received)."""
+    message = f"body: larger than the limit of {limit} bytes (--max-body-bytes)"
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, message, "body", error_type="payload_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, message, "body", error_type="payload_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def validate(raw: bytes, model: type[ModelT], openai: bool) -> ModelT:
+    """Decode and validate a body (runs on a worker thread: a large body must not hold the event loop)."""
+    data = _decode_json(raw)
     if not isinstance(data, dict):
         raise ApiError(400, "body: expected a JSON object", "body")
     try:
@@ -88,7 +170,21 @@ async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
         first = exc.errors(include_url=False)[0]
         field = field_name(tuple(first["loc"]))
         message = first["msg"].removeprefix("Value error, ")
-        raise ApiError(400 if is_openai(request) else 422, f"{field}: {message}", field) from None
+        if first["type"] == "extra_forbidden":
+            message = f"unknown parameter ({UNKNOWN_PARAMETER_HINT})"
+        elif isinstance(first.get("input"), _HugeInt):
+            message = f"integer of {len(first['input'])} digits is too large"
+        raise ApiError(400 if openai else 422, f"{field}: {message}", field) from None
+
+
+UNKNOWN_PARAMETER_HINT = "see GET /info or docs/notes/serve.md for the parameters this server supports"
+
+
+async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
+    """Read and validate a JSON body; invalid JSON is a 400, a schema violation a 422 (TGI) or 400 (OpenAI)."""
+    state: ServerState = request.app.state.serve
+    raw = await read_body(request, state.settings.max_body_bytes)
+    return await asyncio.to_thread(validate, raw, model, is_openai(request))
 
 
 def create_app(settings: ServeSettings, load_engine: Callable[[], Engine], sse_ping: int | None = None) -> FastAPI:
@@ -201,7 +297,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_PORT,
         help=f"port for the API, health and /metrics (default {DEFAULT_PORT}, MindIE's business port)",
     )
-    parser.add_argument("--max-seq-len", type=int, default=8192, help="prompt + generated tokens (maxSeqLen)")
+    parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="prompt + generated tokens (maxSeqLen; default: the model's seq_length from --config)",
+    )
     parser.add_argument(
         "--max-input-token-len",
         type=int,
@@ -210,6 +311,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-queue", type=int, default=64, help="requests waiting behind the running one; more get 503 + Retry-After"
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=ServeSettings.max_batch_size,
+        help="requests decoded together (maxBatchSize; each holds a KV-cache row of --max-seq-len positions; "
+        f"default {ServeSettings.max_batch_size})",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=ServeSettings.max_body_bytes,
+        help=f"larger request bodies get 413 (default {ServeSettings.max_body_bytes})",
     )
     parser.add_argument(
         "--model-name", default=None, help="name in /v1/models and /v2/models/{name}/ready (default: from --config)"
@@ -235,15 +349,26 @@ def default_model_name(config: str) -> str:
     return name if name and name != "parallel" else "telechat2"
 
 
+def model_seq_length(config: str) -> int:
+    """The seq_length of the model `--config` names (its YAML's model_config, or the packaged config)."""
+    from telechat2.predict import architecture_from, read_run_config
+
+    return architecture_from(read_run_config(config)).seq_length
+
+
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
-    max_input = args.max_input_token_len or args.max_seq_len * 3 // 4
+    """Settings from the flags; --max-seq-len defaults to the model's seq_length (reading --config)."""
+    max_seq_len = args.max_seq_len or model_seq_length(args.config)
+    max_input = args.max_input_token_len or max_seq_len * 3 // 4
     model_name = args.model_name or default_model_name(args.config)
     return ServeSettings(
         model_name=model_name,
-        max_seq_len=args.max_seq_len,
+        max_seq_len=max_seq_len,
         max_input_token_len=max_input,
         max_queue=args.max_queue,
         api_key=ApiKeySource.from_args(args.api_key_file),
+        max_batch_size=args.max_batch_size,
+        max_body_bytes=args.max_body_bytes,
     )
 
 
@@ -259,7 +384,7 @@ def run(args: argparse.Namespace) -> int:
         return distributed.run_msrun_scheduler()
     try:
         settings = settings_from_args(args)
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         log.error("%s", exc)
         return 2
 

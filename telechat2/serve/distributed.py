@@ -7,10 +7,13 @@ N times the memory for one model's throughput); anything else is refused.
 
 Either way every rank must run the same forward passes in the same order: with tensor parallelism the collectives
 inside the model deadlock otherwise. So rank 0 runs the HTTP server and the scheduler as usual, and its engine is a
-`LeaderEngine`: before each job it sends the job (ids + sampling parameters, the seed already resolved) to every
-follower, and at each step it sends its `should_stop` decision. A follower runs the same `stream` with a
-`should_stop` that reads that decision, so all ranks do the same steps, pick the same tokens (same logits, same
-seed) and stop together, including on client disconnects. The channel is a TCP connection per follower to rank 0
+`LeaderEngine`. With continuous batching its decode batch is a `LeaderBatch`: every batch operation (open, add a
+request with its ids and sampling parameters, the seed already resolved; one batched step; remove a cancelled
+request) goes to the followers before it runs on rank 0, and each follower's `BatchMirror` applies the same
+operations to its own batch, so all ranks run the same prefills and steps and pick the same tokens (same logits,
+same seeds). For a stream-only engine, rank 0 sends each job and, at each step, its `should_stop` decision; a
+follower runs the same `stream` with a `should_stop` that reads that decision. Either way ranks stop together,
+including on client disconnects. The channel is a TCP connection per follower to rank 0
 (JSON lines) on `--control-port` (default --port + 1), found through msrun's MS_SCHED_HOST (rank 0 runs on the
 master node). Both layouts run, and are tested, on CPU with real msrun processes.
 """
@@ -25,7 +28,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from telechat2.serve.engine import Engine, SamplingParams
+from telechat2.serve.engine import Batch, Emission, Engine, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +157,35 @@ class _Channel:
         self.sock.close()
 
 
+def _params(sent: dict[str, Any]) -> SamplingParams:
+    return SamplingParams(**{**sent, "stop_token_ids": tuple(sent["stop_token_ids"])})
+
+
+class LeaderBatch:
+    """Rank 0's decode batch: each operation goes to the followers first, then runs here.
+
+    Followers apply the same operations to their own batch in the same order, so every rank runs the same prefills
+    and batched steps (the collectives inside match) and picks the same tokens (same logits, same seeds); a
+    sequence that ends on a stop token or its budget ends on every rank by itself.
+    """
+
+    def __init__(self, batch: Batch, broadcast: Callable[[dict[str, Any]], None]) -> None:
+        self.batch = batch
+        self.broadcast = broadcast
+
+    def add(self, seq_id: int, input_ids: list[int], params: SamplingParams) -> Emission | None:
+        self.broadcast({"type": "add", "seq": seq_id, "input_ids": list(input_ids), "params": asdict(params)})
+        return self.batch.add(seq_id, input_ids, params)
+
+    def step(self) -> list[Emission]:
+        self.broadcast({"type": "step_batch"})
+        return self.batch.step()
+
+    def remove(self, seq_id: int) -> None:
+        self.broadcast({"type": "remove", "seq": seq_id})
+        self.batch.remove(seq_id)
+
+
 class LeaderEngine:
     """Rank 0's engine: the real one, plus broadcasting each job and each step's stop decision to followers."""
 
@@ -163,6 +195,12 @@ class LeaderEngine:
         self.defaults = engine.defaults
         self.followers = followers
         self._job = 0
+        if callable(getattr(engine, "open_batch", None)):
+            self.open_batch = self._open_batch  # batched lockstep only when the real engine can batch
+
+    def _open_batch(self, max_batch: int) -> LeaderBatch:
+        self._broadcast({"type": "open_batch", "max_batch": max_batch})
+        return LeaderBatch(self.engine.open_batch(max_batch), self._broadcast)  # type: ignore[attr-defined]
 
     def _broadcast(self, message: dict[str, Any]) -> None:
         for follower in self.followers:
@@ -239,13 +277,15 @@ def follow(load: Callable[[], Engine], host: str, control_port: int) -> int:
     def next_message() -> dict[str, Any] | None:
         return stashed.pop() if stashed else channel.receive()
 
+    mirror = BatchMirror(engine)
     try:
         while (message := next_message()) is not None:
+            if mirror.apply(message):
+                continue
             if message["type"] != "job":
                 continue  # a stray decision of a job this rank already finished
             job = message["job"]
-            sent = message["params"]
-            params = SamplingParams(**{**sent, "stop_token_ids": tuple(sent["stop_token_ids"])})
+            params = _params(message["params"])
 
             def should_stop(job: int = job) -> bool:
                 decision = next_message()
@@ -261,3 +301,51 @@ def follow(load: Callable[[], Engine], host: str, control_port: int) -> int:
     finally:
         channel.close()
     return 0
+
+
+class BatchMirror:
+    """A follower's copy of rank 0's decode batch: applies rank 0's batch operations in the order they come.
+
+    A failure here is the failure rank 0 had with the same operation (same inputs, same model), so it is logged
+    and the follower goes on, as rank 0's scheduler does.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.batch: Batch | None = None
+        self.generated: dict[int, int] = {}
+
+    def apply(self, message: dict[str, Any]) -> bool:
+        """True if `message` was a batch operation (and it has been applied)."""
+        kind = message["type"]
+        if kind not in ("open_batch", "add", "step_batch", "remove"):
+            return False
+        try:
+            if kind == "open_batch":
+                self.batch = self.engine.open_batch(message["max_batch"])  # type: ignore[attr-defined]
+                self.generated.clear()
+            elif self.batch is None:
+                raise RuntimeError(f"rank 0 sent {kind!r} before opening a batch")
+            elif kind == "add":
+                self.generated[message["seq"]] = 0
+                emission = self.batch.add(message["seq"], message["input_ids"], _params(message["params"]))
+                self._count([emission] if emission is not None else [])
+            elif kind == "step_batch":
+                self._count(self.batch.step())
+            else:
+                self.batch.remove(message["seq"])
+                self._ended(message["seq"])
+        except Exception:
+            log.exception("batch operation %r failed (as it did on rank 0)", kind)
+        return True
+
+    def _count(self, emitted: list[Emission]) -> None:
+        for emission in emitted:
+            if emission.token is not None:
+                self.generated[emission.seq_id] = self.generated.get(emission.seq_id, 0) + 1
+            if emission.finish is not None:
+                self._ended(emission.seq_id)
+
+    def _ended(self, seq_id: int) -> None:
+        if seq_id in self.generated:
+            log.info("job %d: %d tokens in lockstep with rank 0", seq_id, self.generated.pop(seq_id))

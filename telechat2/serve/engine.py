@@ -1,8 +1,9 @@
 """The model behind the server, as a small interface: ids in, a stream of ids out.
 
-The HTTP layer only needs `Engine`: a tokenizer, default sampling parameters and `stream(...)`. `TeleChat2Engine`
-is the real one (MindSpore model + TeleChat2 tokenizer + `telechat2.generation.stream_generate`); narrow unit tests
-(queue full, disconnects) plug in a slow fake to control timing.
+The HTTP layer only needs `Engine`: a tokenizer, default sampling parameters and `stream(...)`; an engine that also
+has `open_batch(max_batch)` is run with continuous batching (`Batch`). `TeleChat2Engine` is the real one (MindSpore
+model + TeleChat2 tokenizer; `telechat2.batched.BatchGenerator` for batches, `telechat2.generation.stream_generate`
+for one sequence); narrow unit tests (queue full, disconnects) plug in a slow stream-only fake to control timing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from telechat2.tokenizer import EOS_ID
 
 log = logging.getLogger(__name__)
 
+PROMPT_IN_STEP_CPU = 64  # see TeleChat2Engine.open_batch
 _YAML_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
 
 
@@ -59,6 +61,30 @@ class Engine(Protocol):
     def stream(self, input_ids: list[int], params: SamplingParams, should_stop: Callable[[], bool]) -> Iterator[int]:
         """Generated ids one by one; stops early once should_stop() is true. Runs on the generation thread."""
         ...
+
+
+class Emission(Protocol):
+    """One sequence's output of a batch operation (`telechat2.batched.Emitted`)."""
+
+    seq_id: int
+    token: int | None  # None when the sequence ended without a token (a stop token)
+    finish: str | None  # "stop" or "length" once the sequence has ended, else None
+
+
+class Batch(Protocol):
+    """A running decode batch (continuous batching); used by the scheduler thread only.
+
+    Engines that can batch have `open_batch(max_batch) -> Batch`; the scheduler then runs requests together.
+    Engines with `stream` only (the narrow tests' fakes) run one request at a time.
+    """
+
+    def add(self, seq_id: int, input_ids: list[int], params: SamplingParams) -> Emission | None:
+        """Join the batch; the first token now (prompt prefilled at once), or None (it comes from a `step`)."""
+        ...
+
+    def step(self) -> list[Emission]: ...
+
+    def remove(self, seq_id: int) -> None: ...
 
 
 class TeleChat2Engine:
@@ -105,6 +131,36 @@ class TeleChat2Engine:
         from telechat2.generation import stream_generate
 
         return stream_generate(self.model, input_ids, to_generation_config(params), should_stop=should_stop)
+
+    def open_batch(self, max_batch: int) -> ModelBatch:
+        """A decode batch of up to `max_batch` sequences over this model (`telechat2.batched.BatchGenerator`).
+
+        On CPU, prompts up to PROMPT_IN_STEP_CPU tokens are read by the compiled batched step (a token per step,
+        alongside the running sequences) rather than by the operator-by-operator prefill, which costs more there
+        than dozens of compiled steps; on Ascend every prompt is prefilled in one pass.
+        """
+        import mindspore as ms
+
+        from telechat2.batched import BatchGenerator
+
+        in_step = PROMPT_IN_STEP_CPU if ms.get_context("device_target") == "CPU" else 0
+        return ModelBatch(BatchGenerator(self.model, max_batch, prompt_in_step=in_step))
+
+
+class ModelBatch:
+    """`BatchGenerator` behind the `Batch` interface: sampling parameters in the server's terms."""
+
+    def __init__(self, generator: Any) -> None:
+        self.generator = generator
+
+    def add(self, seq_id: int, input_ids: list[int], params: SamplingParams) -> Emission | None:
+        return self.generator.add(seq_id, input_ids, to_generation_config(params))
+
+    def step(self) -> list[Emission]:
+        return self.generator.step()
+
+    def remove(self, seq_id: int) -> None:
+        self.generator.remove(seq_id)
 
 
 def generation_defaults() -> SamplingParams:

@@ -1,8 +1,8 @@
 """Prometheus metrics of the server, in a registry of its own (several apps can live in one test process).
 
 Requests are counted by route template (`/v2/models/{name}/ready`, never the raw path: bounded label values) and
-status; latency runs until the last byte, so a stream's latency is its whole duration. Queue depth and the running
-generation are read at scrape time from the scheduler.
+status; latency runs until the last byte, so a stream's latency is its whole duration. Queue depth (requests
+waiting) and batch size (requests decoding together) are read at scrape time from the scheduler.
 """
 
 from __future__ import annotations
@@ -13,11 +13,19 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+QUEUE_DEPTH = "telechat_queue_depth"  # charts/telechat-inference autoscaling.queueDepthMetric must say the same
+BATCH_SIZE = "telechat_batch_size"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class ServerMetrics:
-    def __init__(self, queue_depth: Callable[[], int], running: Callable[[], int], ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        queue_depth: Callable[[], int],
+        running: Callable[[], int],
+        ready: Callable[[], bool],
+        max_batch: int = 1,
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -54,10 +62,15 @@ class ServerMetrics:
         self.cancelled = Counter(
             "telechat_generations_cancelled", "Generations stopped because the client left", registry=r
         )
-        Gauge("telechat_queue_depth", "Requests waiting for the generation thread", registry=r).set_function(
-            queue_depth
+        Gauge(
+            QUEUE_DEPTH, "Requests waiting for a row of the decode batch (the HPA's Pods metric)", registry=r
+        ).set_function(queue_depth)
+        Gauge(BATCH_SIZE, "Requests in the running decode batch now", registry=r).set_function(running)
+        running_gauge = Gauge(
+            "telechat_generation_running", "Generations running now (= telechat_batch_size)", registry=r
         )
-        Gauge("telechat_generation_running", "Generations running now (0 or 1)", registry=r).set_function(running)
+        running_gauge.set_function(running)
+        Gauge("telechat_batch_size_max", "Most requests decoded together (--max-batch-size)", registry=r).set(max_batch)
         Gauge("telechat_model_ready", "1 once the model is loaded", registry=r).set_function(lambda: float(ready()))
 
     def render(self) -> tuple[bytes, str]:

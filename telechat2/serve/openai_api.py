@@ -12,6 +12,7 @@ Tool calls written by the model (`<tool_call>{json}</tool_call>`) come back as `
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -105,8 +106,9 @@ def build_router(
         body = await parse(request, ChatCompletionRequest)
         check_common(body)
         engine = state.engine()
-        try:
-            input_ids = chat_input_ids(engine.tokenizer, [m.for_template() for m in body.messages], tools=body.tools)
+        messages = [m.for_template() for m in body.messages]
+        try:  # templating and tokenizing a long conversation take time: off the event loop
+            input_ids = await asyncio.to_thread(chat_input_ids, engine.tokenizer, messages, tools=body.tools)
         except ValueError as exc:
             raise ApiError(400, f"messages: {exc}", "messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -190,7 +192,7 @@ def build_router(
             prompt = body.prompt
         if not prompt:
             raise ApiError(400, "prompt: must not be empty", "prompt")
-        input_ids = state.engine().tokenizer.encode(prompt)
+        input_ids = await state.encode(prompt)
         run = start(input_ids, body, body.max_tokens, "prompt", "max_tokens")
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prefix = prompt if body.echo else ""

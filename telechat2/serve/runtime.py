@@ -37,8 +37,10 @@ class ServeSettings:
     model_name: str = "telechat2"
     max_seq_len: int = 8192  # prompt + generated tokens [maxSeqLen]
     max_input_token_len: int = 6144  # prompt tokens [maxInputTokenLen]
-    max_queue: int = 64  # requests waiting behind the running one
+    max_queue: int = 64  # requests waiting behind the running ones
     api_key: ApiKeySource | None = None
+    max_batch_size: int = 8  # requests decoded together [maxBatchSize]; each holds a seq_length KV-cache row
+    max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies get 413 before they are read to the end
 
     def __post_init__(self) -> None:
         if not 0 < self.max_input_token_len < self.max_seq_len:
@@ -48,6 +50,10 @@ class ServeSettings:
             )
         if self.max_queue < 1:
             raise ValueError(f"--max-queue must be at least 1, got {self.max_queue}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"--max-body-bytes must be at least 1024, got {self.max_body_bytes}")
 
 
 class ServerState:
@@ -56,11 +62,12 @@ class ServerState:
     def __init__(self, settings: ServeSettings, load_engine: Callable[[], Engine]) -> None:
         self.settings = settings
         self.load_engine = load_engine
-        self.scheduler = Scheduler(settings.max_queue, on_job_done=self._job_done)
+        self.scheduler = Scheduler(settings.max_queue, on_job_done=self._job_done, max_batch=settings.max_batch_size)
         self.metrics = ServerMetrics(
             queue_depth=lambda: self.scheduler.queue_depth,
             running=lambda: self.scheduler.running,
             ready=lambda: self.ready,
+            max_batch=settings.max_batch_size,
         )
         self.load_error: BaseException | None = None
         self.on_load_failure: Callable[[], None] | None = None
@@ -99,6 +106,12 @@ class ServerState:
             message = "model failed to load" if self.load_error else "model is loading, retry shortly"
             raise ApiError(503, message, error_type="unavailable", headers={"Retry-After": str(LOADING_RETRY_AFTER)})
         return engine
+
+    async def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, computed on a worker thread: a long prompt must not stall the event loop (health
+        probes, other clients' streams). The body limit bounds how long this can take."""
+        tokenizer = self.engine().tokenizer
+        return await asyncio.to_thread(tokenizer.encode, text)
 
     def check_limits(self, input_len: int, requested: int | None, input_field: str, max_field: str) -> int:
         """max_new_tokens for this request: the one asked for if it fits, else a 4xx naming the field."""
@@ -170,21 +183,31 @@ class GenerationRun:
         self.tail = ""  # text released by `finish` after the last token
         self.seen: list[TokenEvent] = []
 
-    async def events(self) -> AsyncIterator[TokenEvent]:
+    def _push(self, tokens: list[int]) -> list[TokenEvent]:
+        """Detokenize tokens (on a worker thread); stops after the token that completes a stop string."""
         special_ids = self.text.tokenizer.special_ids
+        events = []
+        for token in tokens:
+            token_text, released = self.text.push(token)
+            events.append(TokenEvent(token, token_text, token in special_ids, released))
+            if self.text.stopped_by is not None:
+                break
+        return events
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        """Decoded tokens as they come; detokenization runs off the event loop, a burst of tokens in one hop."""
         first = True
-        async for token in self.job.tokens():
+        async for tokens in self.job.token_batches():
             if first:
                 self.state.metrics.time_to_first_token.observe(time.monotonic() - self.job.enqueued_at)
                 first = False
-            token_text, released = self.text.push(token)
-            event = TokenEvent(token, token_text, token in special_ids, released)
-            self.seen.append(event)
-            yield event
+            for event in await asyncio.to_thread(self._push, tokens):
+                self.seen.append(event)
+                yield event
             if self.text.stopped_by is not None:
                 self.job.cancel("stop string")
                 break
-        self.tail = self.text.finish()
+        self.tail = await asyncio.to_thread(self.text.finish)
 
     async def run(self) -> None:
         async for _ in self.events():

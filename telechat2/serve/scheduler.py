@@ -1,13 +1,16 @@
 """One generation thread fed by a bounded queue: many clients, one model, no request lost.
 
-Why not batching: the generator decodes one sequence with its KV cache; batching would need padded batched decode
-in the model. Requests therefore run one at a time, first come first served, on a single worker thread (MindSpore
-is not re-entrant, and the event loop must stay free for other clients, health checks and streaming). Up to
-`max_queue` requests wait behind the running one; the next gets `QueueFull` (HTTP 503 + Retry-After).
+The thread owns the model (MindSpore is not re-entrant; the event loop stays free for other clients, health checks
+and streaming). With an engine that can batch (`open_batch`), it runs continuous batching: at every step boundary
+it first drops cancelled sequences, then admits waiting requests into free rows of the decode batch (each prompt is
+prefilled alone; at most `prefill_tokens` prompt tokens per boundary, so a burst of long prompts does not stall the
+running sequences for long), then runs one batched decode step that gives every running sequence its next token.
+Up to `max_batch` requests run together; up to `max_queue` more wait; the next gets `QueueFull` (HTTP 503 +
+Retry-After). A stream-only engine runs one request at a time, first come first served.
 
 Tokens cross from the worker thread to the request's event loop through `loop.call_soon_threadsafe`. A job is
-cancelled by setting its event: a waiting job is skipped, a running one stops at the next token because the
-generator polls `should_stop`.
+cancelled by setting its event: a waiting job is skipped, a running one leaves the batch at the next step boundary
+(its row is free for the next request).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from telechat2.serve.engine import Engine, SamplingParams
+from telechat2.serve.engine import Batch, Emission, Engine, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,23 @@ class Job:
         except RuntimeError:  # the request's loop is closed (server shutting down): nobody is listening
             self.cancelled.set()
 
+    async def token_batches(self) -> AsyncIterator[list[int]]:
+        """Like `tokens`, but every token already waiting comes at once (one hop to a detokenizing thread)."""
+        while True:
+            kind, value = await self.events.get()
+            batch: list[int] = []
+            while kind == "token":
+                batch.append(value)  # type: ignore[arg-type]
+                if self.events.empty():
+                    break
+                kind, value = self.events.get_nowait()
+            if batch:
+                yield batch
+            if kind == "error":
+                raise value  # type: ignore[misc]
+            if kind != "token":
+                return
+
     async def tokens(self) -> AsyncIterator[int]:
         """Generated ids as they come; raises the generator's exception if it failed."""
         while True:
@@ -82,15 +102,22 @@ class Scheduler:
         self,
         max_queue: int,
         on_job_done: Callable[[Job, int, float], None] | None = None,
+        max_batch: int = 1,
+        prefill_tokens: int = 2048,
     ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.engine: Engine | None = None
         self.max_queue = max_queue
+        self.max_batch = max_batch
+        self.prefill_tokens = prefill_tokens
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread: threading.Thread | None = None
-        self._running = 0
-        self._current: Job | None = None
+        self._active: dict[int, Job] = {}  # running jobs by sequence id (one at most without batching)
+        self._generated: dict[int, int] = {}
+        self._next_id = 0
         self._avg_seconds = 1.0  # moving average of a job's run time, for Retry-After
         self._on_job_done = on_job_done
 
@@ -100,7 +127,8 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return self._running
+        """Requests generating now: the decode batch's size."""
+        return len(self._active)
 
     def start(self) -> None:
         if self._thread is None:
@@ -109,8 +137,8 @@ class Scheduler:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Cancel the running and the waiting jobs, then stop the worker."""
-        if self._current is not None:
-            self._current.cancel("server shutting down")
+        for job in list(self._active.values()):
+            job.cancel("server shutting down")
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -136,7 +164,7 @@ class Scheduler:
         return job
 
     def retry_after(self) -> int:
-        """Seconds until a slot is likely free: a slot frees when the running job ends, so about one job's time."""
+        """Seconds until a slot is likely free: a slot frees when a running job ends, so about one job's time."""
         return max(1, math.ceil(self._avg_seconds))
 
     def _work(self) -> None:
@@ -144,42 +172,129 @@ class Scheduler:
             job = self._queue.get()
             if job is None:
                 return
-            if job.cancelled.is_set():  # the client left while waiting
-                job.finished, job.end_reason = True, "cancelled"
-                job._emit("done", "cancelled")
+            if self._skip_cancelled(job):
                 continue
+            assert self.engine is not None
+            if hasattr(self.engine, "open_batch") and self.max_batch > 1:
+                self._run_batched(job)  # runs until the server stops
+                return
             self._run(job)
+
+    def _skip_cancelled(self, job: Job) -> bool:
+        if not job.cancelled.is_set():
+            return False
+        job.finished, job.end_reason = True, "cancelled"  # the client left while waiting
+        job._emit("done", "cancelled")
+        return True
+
+    def _finish(self, seq_id: int, reason: str | None, error: BaseException | None = None) -> None:
+        job = self._active.pop(seq_id)
+        generated = self._generated.pop(seq_id, 0)
+        job.finished, job.end_reason = True, reason
+        if error is not None:
+            job._emit("error", error)
+        else:
+            job._emit("done", reason)
+        assert job.started_at is not None
+        elapsed = time.monotonic() - job.started_at
+        self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * elapsed
+        if self._on_job_done is not None:
+            self._on_job_done(job, generated, elapsed)
+
+    # -- continuous batching ---------------------------------------------------------------------------------------
+
+    def _run_batched(self, first: Job) -> None:
+        """Admit, step, repeat; returns when stop() queues the end marker."""
+        assert self.engine is not None
+        batch = self.engine.open_batch(self.max_batch)  # type: ignore[attr-defined]
+        pending: Job | None = first
+        while True:
+            for seq_id, job in list(self._active.items()):
+                if job.cancelled.is_set():
+                    batch.remove(seq_id)
+                    self._finish(seq_id, "cancelled")
+            prefilled = 0
+            while len(self._active) < self.max_batch and prefilled < self.prefill_tokens:
+                if pending is not None:
+                    job, pending = pending, None
+                else:
+                    try:
+                        job = self._queue.get(block=not self._active)  # idle: wait for work; busy: take what waits
+                    except queue.Empty:
+                        break
+                if job is None:
+                    for seq_id in list(self._active):
+                        batch.remove(seq_id)
+                        self._finish(seq_id, "cancelled")
+                    return
+                if self._skip_cancelled(job):
+                    continue
+                prefilled += len(job.input_ids)
+                self._admit(batch, job)
+            if self._active:
+                try:
+                    emitted = batch.step()
+                except Exception as exc:  # a failed step leaves no row trustworthy: fail the batch, start afresh
+                    log.exception("batched decode step failed")
+                    for seq_id in list(self._active):
+                        self._finish(seq_id, "error", exc)
+                    batch = self.engine.open_batch(self.max_batch)  # type: ignore[attr-defined]
+                    continue
+                for emission in emitted:
+                    self._deliver(emission)
+
+    def _admit(self, batch: Batch, job: Job) -> None:
+        self._next_id += 1
+        seq_id = self._next_id
+        job.started_at = time.monotonic()
+        self._active[seq_id] = job
+        try:
+            emission = batch.add(seq_id, job.input_ids, job.params)
+        except Exception as exc:  # reported to the one request that caused it (bad ids, say); the batch lives on
+            log.exception("prefill failed")
+            batch.remove(seq_id)
+            self._finish(seq_id, "error", exc)
+            return
+        if emission is not None:
+            self._deliver(emission)
+
+    def _deliver(self, emission: Emission) -> None:
+        seq_id = emission.seq_id
+        job = self._active[seq_id]
+        if emission.token is not None:
+            self._generated[seq_id] = self._generated.get(seq_id, 0) + 1
+            job._emit("token", int(emission.token))
+        if emission.finish is not None:
+            self._finish(seq_id, emission.finish)
+
+    # -- one request at a time (stream-only engines) ----------------------------------------------------------------
 
     def _run(self, job: Job) -> None:
         assert self.engine is not None
-        self._running, self._current = 1, job
+        self._next_id += 1
+        seq_id = self._next_id
+        self._active[seq_id] = job
         job.started_at = time.monotonic()
-        generated = 0
         tokens = None
+        reason: str | None = None
+        error: BaseException | None = None
         try:
             tokens = self.engine.stream(job.input_ids, job.params, should_stop=job.cancelled.is_set)
             while True:
                 try:
                     token = next(tokens)
                 except StopIteration as end:  # the generator's return value says why: stop, length, cancelled
-                    job.end_reason = end.value
+                    reason = end.value
                     break
-                generated += 1
+                self._generated[seq_id] = self._generated.get(seq_id, 0) + 1
                 job._emit("token", int(token))
                 if job.cancelled.is_set():
-                    job.end_reason = "cancelled"
+                    reason = "cancelled"
                     break
-            job.finished = True
-            job._emit("done", job.end_reason)
         except Exception as exc:  # reported to the one request that caused it; the worker lives on
             log.exception("generation failed")
-            job.finished = True
-            job._emit("error", exc)
+            error = exc
         finally:
             if tokens is not None and hasattr(tokens, "close"):
                 tokens.close()  # a generator left early runs its cleanup now, not at garbage collection
-            elapsed = time.monotonic() - job.started_at
-            self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * elapsed
-            self._running, self._current = 0, None
-            if self._on_job_done is not None:
-                self._on_job_done(job, generated, elapsed)
+            self._finish(seq_id, reason, error)

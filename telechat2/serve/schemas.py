@@ -35,7 +35,8 @@ class ApiError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # allow_inf_nan=False: Python's json accepts NaN and Infinity literals; a temperature of NaN is a client bug
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 def _stop_list(value: str | list[str] | None) -> list[str]:
@@ -52,7 +53,13 @@ def _stop_list(value: str | list[str] | None) -> list[str]:
 
 
 class TGIParameters(_Strict):
-    """`parameters` of POST /generate; None means the model's generation default."""
+    """`parameters` of POST /generate; None means the model's generation default.
+
+    Unknown keys are refused (422 naming the key): a misspelt `max_new_token` silently ignored would generate 4096
+    tokens. TGI parameters this server does not implement are accepted only at their neutral value.
+    """
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
     do_sample: bool | None = None
     max_new_tokens: int | None = Field(None, ge=1)
@@ -67,6 +74,14 @@ class TGIParameters(_Strict):
     truncate: int | None = Field(None, ge=1)
     # Accepted for MindIE/TGI compatibility and ignored: the generator has no typical sampling (documented).
     typical_p: float | None = Field(None, gt=0, le=1)
+    # TGI parameters without an implementation here: only their "off" value is accepted.
+    best_of: Literal[1] | None = None
+    watermark: Literal[False] = False
+    decoder_input_details: Literal[False] = False
+    top_n_tokens: Literal[0] | None = None
+    frequency_penalty: Literal[0, 0.0] | None = None
+    grammar: None = None
+    adapter_id: None = None
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -38,11 +38,11 @@ def build_router(
 ) -> APIRouter:
     router = APIRouter()
 
-    def start(body: GenerateRequest) -> tuple[GenerationRun, str]:
+    async def start(body: GenerateRequest) -> tuple[GenerationRun, str]:
         """Validate against the limits, queue the job; returns the run and the text to prepend."""
         engine = state.engine()
         p = body.parameters
-        input_ids = engine.tokenizer.encode(body.inputs)
+        input_ids = await state.encode(body.inputs)
         if p.truncate is not None:
             input_ids = input_ids[-p.truncate :]
         max_new = state.check_limits(len(input_ids), p.max_new_tokens, "inputs", "parameters.max_new_tokens")
@@ -95,7 +95,7 @@ def build_router(
             run.job.cancel("client disconnected")  # no-op when finished; stops generation if the client left
 
     async def respond(request: Request, body: GenerateRequest, stream: bool) -> Response:
-        run, prefix = start(body)
+        run, prefix = await start(body)
         if stream:
             return EventSourceResponse(sse(run, prefix, body.parameters.details), sep="\n", ping=sse_ping)
         if not await run_unless_disconnected(request, run):
@@ -120,7 +120,8 @@ def build_router(
             "model_id": s.model_name,
             "max_input_tokens": s.max_input_token_len,
             "max_total_tokens": s.max_seq_len,
-            "max_concurrent_requests": s.max_queue + 1,
+            "max_concurrent_requests": s.max_queue + s.max_batch_size,
+            "max_batch_size": s.max_batch_size,
             "router": "telechat2-serve",
             "version": __version__,
         }

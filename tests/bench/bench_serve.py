@@ -1,18 +1,21 @@
-"""Serving overhead and concurrency: `telechat2 serve` against calling `generate` directly, on the tiny model.
+"""Continuous batching: `telechat2 serve` with 1, 8 and 32 concurrent clients against sequential requests.
 
-    .venv/bin/python tests/bench/bench_serve.py [--prompts 8] [--max-new-tokens 32] [--repeat 5] [--clients 8]
-        [--results tests/bench/results/serve.md]
+    .venv/bin/python tests/bench/bench_serve.py [--requests 32] [--max-new-tokens 32] [--repeat 3]
+        [--clients 1,8,32] [--models tiny,wider] [--max-batch-size 32] [--results tests/bench/results/serve.md]
 
-The tiny TeleChat2 (2 layers, hidden 64, vocab 512, seeded random weights written to a checkpoint; tokenizer
-trained in-process), the same prompts and the same greedy parameters, three ways:
-- direct: `telechat2.predict.load_model` + `telechat2.generation.generate` in a loop, in this process (the floor);
-- server, sequential: `telechat2 serve` started as its own process (as in a pod), one client posting `/generate`
-  one request after another (JSON, HTTP, queue hand-off to the generation thread, detokenization);
-- server, N concurrent clients: N client threads posting one request each at the same moment; the server queues
-  them in front of its single generation thread.
-Every server answer is checked equal to the direct one, so the server cannot look fast by doing less. Each repeat
-runs the three ways back to back; best and slowest of `--repeat` are reported (the machine is shared). CPU time is
-the server process's (from /proc) plus this process's client side, against this process's for direct calls.
+For each model (the tiny TeleChat2, and a wider one whose weights weigh more than MindSpore's per-operator cost),
+seeded random weights are written to a checkpoint, a tokenizer is trained in-process and `telechat2 serve` is
+started as its own process (as in a pod) with `--max-batch-size`. Then, in the same run and against the same server:
+- sequential: one client posting `/generate` one request after another (the baseline: a lone request each time);
+- N clients: N client threads, each posting its share of the same requests back to back (closed loop), so up to N
+  requests decode together in the server's batch.
+Throughput is generated tokens over the wall time of the whole pass; latency is per request (post to answer).
+Every answer's token ids (TGI `details`) are checked equal to `generate()` run directly on the same prompt
+(greedy), so batching cannot look fast by doing less or by changing answers. (Ids, not text: on a random model a
+control token can fall inside a byte-fallback character, and the streamed text of such garbage differs from a
+one-shot `decode` of all ids, with or without batching.) Each way runs `--repeat` times after a warm-up pass
+(which compiles the batched step for every bucket); the best pass is reported and the slowest too (the machine is
+shared).
 """
 
 from __future__ import annotations
@@ -26,19 +29,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # tests/unit/tiny_model.py
 
 MAX_SEQ_LEN = 128
-WAYS = {
-    "direct": "`generate()` called directly, sequential",
-    "sequential": "server `/generate`, one client, sequential",
-    "concurrent": "server `/generate`, {clients} concurrent clients",
+TINY_PREDICT_YAML = Path(__file__).resolve().parents[2] / "telechat2" / "configs" / "telechat2-tiny" / "predict.yaml"
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny": ("tiny (2 layers, hidden 64, 4 heads / 2 KV, FFN 128, vocab 512)", {}),
+    "wider": (
+        "wider (4 layers, hidden 512, 8 heads / 4 KV, FFN 2048, vocab 512)",
+        {"num_layers": 4, "hidden_size": 512, "num_heads": 8, "n_kv_heads": 4, "intermediate_size": 2048},
+    ),
 }
 
 
@@ -52,24 +58,29 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of another process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def start_server(checkpoint: Path, vocab: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+def write_config(workdir: Path, name: str, overrides: dict[str, Any]) -> Path:
+    """A predict YAML: the packaged telechat2-tiny one with the model's architecture overrides."""
+    config = workdir / f"predict_{name}.yaml"
+    lines = [f"base_config: [{TINY_PREDICT_YAML}]", "model:", "  model_config:"]
+    lines += [f"    {key}: {value}" for key, value in overrides.items()] or ["    seq_length: 64"]
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+def start_server(
+    config: Path, checkpoint: Path, vocab: Path, port: int, log: Path, max_batch: int
+) -> subprocess.Popen[bytes]:
     command = [
-        sys.executable, "-m", "telechat2.cli", "serve", "--config", "telechat2-tiny",
+        sys.executable, "-m", "telechat2.cli", "serve", "--config", str(config),
         "--load_checkpoint", str(checkpoint), "--vocab_file", str(vocab), "--host", "127.0.0.1",
         "--port", str(port), "--max-seq-len", str(MAX_SEQ_LEN), "--max-input-token-len", "96",
-        "--max-queue", "64", "--log-level", "warning",
+        "--max-queue", "256", "--max-batch-size", str(max_batch), "--log-level", "warning",
     ]  # fmt: skip
     with log.open("wb") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -88,94 +99,107 @@ def wait_ready(url: str, server: subprocess.Popen[bytes], log: Path) -> None:
         time.sleep(0.1)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--results", type=Path, default=None)
-    args = parser.parse_args()
-
+def bench_model(args: argparse.Namespace, key: str, workdir: Path, vocab: Path, clients: list[int]) -> dict:
+    """Start a server for one model and measure every way; returns walls, latencies and the workload."""
     from tiny_model import save_tiny_checkpoint
 
     from telechat2.generation import GenerationConfig, generate
     from telechat2.predict import load_model
-    from telechat2.tokenizer import TeleChat2Tokenizer, train_tiny_tokenizer
+    from telechat2.tokenizer import TeleChat2Tokenizer
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    vocab = train_tiny_tokenizer(workdir / "tokenizer.model")
+    label, overrides = MODELS[key]
     tokenizer = TeleChat2Tokenizer(vocab)
-    _, checkpoint = save_tiny_checkpoint(workdir / "tiny.ckpt", seed=0)
-    model = load_model("telechat2-tiny", str(checkpoint), seq_length=MAX_SEQ_LEN)
-    texts = prompts(args.prompts)
+    config_file = write_config(workdir, key, overrides)
+    _, checkpoint = save_tiny_checkpoint(workdir / f"{key}.ckpt", seed=0, **overrides)
+    model = load_model(str(config_file), str(checkpoint), seq_length=MAX_SEQ_LEN)
+    texts = prompts(args.requests)
     inputs = [tokenizer.encode(text) for text in texts]
     # Explicit parameters on both sides, so the comparison does not hang on where defaults come from.
     config = GenerationConfig(do_sample=False, repetition_penalty=1.03, max_new_tokens=args.max_new_tokens)
-    parameters = {"do_sample": False, "repetition_penalty": 1.03, "max_new_tokens": args.max_new_tokens}
-    expected = [tokenizer.decode(generate(model, ids, config), skip_special_tokens=True) for ids in inputs]
-    generated_tokens = sum(len(generate(model, ids, config)) for ids in inputs)
+    parameters = {
+        "do_sample": False,
+        "repetition_penalty": 1.03,
+        "max_new_tokens": args.max_new_tokens,
+        "details": True,
+    }
+    expected_ids = [generate(model, ids, config) for ids in inputs]
+    generated_tokens = sum(map(len, expected_ids))
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server_log = workdir / "serve.log"
-    server = start_server(checkpoint, vocab, port, server_log)
-    walls: dict[str, list[float]] = {way: [] for way in WAYS}
-    cpus: dict[str, list[float]] = {way: [] for way in WAYS}  # client (or direct) + server process
-    server_cpus: dict[str, list[float]] = {way: [] for way in WAYS}
-    latencies: dict[str, list[float]] = {way: [] for way in WAYS}
+    server_log = workdir / f"serve-{key}.log"
+    server = start_server(config_file, checkpoint, vocab, port, server_log, args.max_batch_size)
+    ways = ["sequential", *[f"{n} clients" for n in clients]]
+    walls: dict[str, list[float]] = {way: [] for way in ways}
+    latencies: dict[str, list[list[float]]] = {way: [] for way in ways}
+    pool_clients = [httpx.Client(base_url=url, timeout=600) for _ in range(max(clients))]
 
-    def post(client: httpx.Client, text: str) -> tuple[str, float]:
+    def post(client: httpx.Client, index: int) -> float:
         started = time.perf_counter()
-        response = client.post("/generate", json={"inputs": text, "parameters": parameters})
+        response = client.post("/generate", json={"inputs": texts[index], "parameters": parameters})
         response.raise_for_status()
-        return response.json()["generated_text"], time.perf_counter() - started
+        got = [token["id"] for token in response.json()["details"]["tokens"]]
+        if got != expected_ids[index]:  # ids, not text: see the module docstring
+            raise AssertionError(
+                f"{key}: request {index}: the server's tokens differ from direct generation:\n"
+                f"server {got}\ndirect {expected_ids[index]}"
+            )
+        return time.perf_counter() - started
 
-    def measure(way: str, run: Callable[[], list[str] | None]) -> None:
-        wall, own_cpu, server_cpu = time.perf_counter(), time.process_time(), process_cpu_seconds(server.pid)
-        answers = run()
-        walls[way].append(time.perf_counter() - wall)
-        on_server = process_cpu_seconds(server.pid) - server_cpu if way != "direct" else 0.0
-        server_cpus[way].append(on_server)
-        cpus[way].append(time.process_time() - own_cpu + on_server)
-        if answers is not None and answers != expected:
-            raise AssertionError(f"{way}: server answers differ from direct generation")
-
-    def direct() -> None:
-        for ids in inputs:
-            started = time.perf_counter()
-            generate(model, ids, config)
-            latencies["direct"].append(time.perf_counter() - started)
-
-    # Clients are made once, outside the measured passes: building an httpx.Client (TLS context) costs more CPU
-    # than a request to this server.
-    clients = [httpx.Client(base_url=url, timeout=600) for _ in range(args.clients)]
-
-    def sequential() -> list[str]:
-        results = [post(clients[0], text) for text in texts]
-        latencies["sequential"].extend(latency for _, latency in results)
-        return [answer for answer, _ in results]
-
-    def concurrent() -> list[str]:
-        with ThreadPoolExecutor(max_workers=args.clients) as pool:
-            results = list(pool.map(post, [clients[i % len(clients)] for i in range(len(texts))], texts))
-        latencies["concurrent"].extend(latency for _, latency in results)
-        return [answer for answer, _ in results]
+    def run(way: str, record: bool) -> None:
+        count = 1 if way == "sequential" else int(way.split()[0])
+        shares = [list(range(i, len(texts), count)) for i in range(count)]  # client i: requests i, i+count, ...
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=count) as pool:
+            per_client = list(pool.map(lambda i: [post(pool_clients[i], j) for j in shares[i]], range(count)))
+        wall = time.perf_counter() - started
+        if record:
+            walls[way].append(wall)
+            latencies[way].append([latency for share in per_client for latency in share])
 
     try:
         wait_ready(url, server, server_log)
-        post(clients[0], texts[0])  # warm-up: the server's first request compiles the decode step
+        for way in ways:  # warm-up: compiles the batched step for the buckets each way reaches
+            run(way, record=False)
         for _ in range(args.repeat):
-            measure("direct", direct)
-            measure("sequential", sequential)
-            measure("concurrent", concurrent)
+            for way in ways:
+                run(way, record=True)
     finally:
-        for client in clients:
+        for client in pool_clients:
             client.close()
         server.terminate()
         server.wait(60)
+    return {
+        "label": label,
+        "inputs": inputs,
+        "generated_tokens": generated_tokens,
+        "walls": walls,
+        "latencies": latencies,
+    }
 
-    report = render(args, inputs, generated_tokens, walls, cpus, server_cpus, latencies)
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--models", default="tiny,wider")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--results", type=Path, default=None)
+    args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+
+    from telechat2.tokenizer import train_tiny_tokenizer
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    vocab = train_tiny_tokenizer(workdir / "tokenizer.model")
+    loads = [os.getloadavg()[0]]
+    results = {}
+    for key in args.models.split(","):
+        results[key] = bench_model(args, key, workdir, vocab, clients)
+        loads.append(os.getloadavg()[0])
+    report = render(args, results, loads)
     print(report)
     if args.results:
         args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -185,62 +209,57 @@ def main() -> int:
     return 0
 
 
-def render(
-    args: argparse.Namespace,
-    inputs: list[list[int]],
-    generated_tokens: int,
-    walls: dict[str, list[float]],
-    cpus: dict[str, list[float]],
-    server_cpus: dict[str, list[float]],
-    latencies: dict[str, list[float]],
-) -> str:
-    best = {way: min(times) for way, times in walls.items()}
-    cpu = {way: min(times) for way, times in cpus.items()}
-    requests = len(inputs)
+def render(args: argparse.Namespace, results: dict[str, dict], loads: list[float]) -> str:
     lines = [
-        "# Serving overhead and concurrency",
+        "# Serving: continuous batching against sequential requests",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} cores visible, Linux "
-        f"{platform.release()}, Python {platform.python_version()}; load average at the end "
-        f"{os.getloadavg()[0]:.1f} (the machine was shared with other jobs: best and slowest of the repeats are "
-        "both reported, and CPU seconds, which the sharing disturbs less).",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M')} UTC on {platform.machine()}, {os.cpu_count()} cores visible, "
+        f"Linux {platform.release()}, Python {platform.python_version()}; load average (1 min) "
+        f"{', '.join(f'{load:.1f}' for load in loads)} at the start and after each model (the machine was shared "
+        "with other jobs: best and slowest of the repeats are both reported).",
         "",
-        f"Command: `.venv/bin/python tests/bench/bench_serve.py --prompts {args.prompts} --max-new-tokens "
-        f"{args.max_new_tokens} --repeat {args.repeat} --clients {args.clients}`",
+        f"Command: `.venv/bin/python tests/bench/bench_serve.py --requests {args.requests} --max-new-tokens "
+        f"{args.max_new_tokens} --repeat {args.repeat} --clients {args.clients} --models {args.models} "
+        f"--max-batch-size {args.max_batch_size}`",
         "",
-        f"Workload: {requests} prompts ({min(map(len, inputs))}-{max(map(len, inputs))} tokens), greedy, "
-        f"max_new_tokens {args.max_new_tokens}: {generated_tokens} generated tokens per pass. Model: tiny TeleChat2 "
-        "(2 layers, hidden 64, vocab 512, random weights from a checkpoint) on CPU with the KV cache. The server is "
-        "`telechat2 serve` in its own process, as in a pod; clients and direct calls run in the benchmark process. "
-        "Every server answer was checked equal to the direct `generate` output.",
+        f"Workload per pass: {args.requests} prompts, greedy (repetition penalty 1.03), max_new_tokens "
+        f"{args.max_new_tokens}, `--max-seq-len {MAX_SEQ_LEN}`, `--max-batch-size {args.max_batch_size}`. The server "
+        "is `telechat2 serve` in its own process; clients are threads of the benchmark process. Every answer's "
+        "token ids were checked equal to `generate()` run directly on the same prompt. Throughput = generated "
+        "tokens / wall time of the pass (best pass); speed-up = against the sequential pass of the same run; "
+        "latency = per request, over all repeats; 'vs lone' = p95 latency over the sequential pass's median "
+        "latency (a lone request).",
         "",
-        "| way | wall best s | wall slowest s | CPU s (best) | of which server s | tokens/s (best wall) "
-        "| request latency p50 / p95 s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | way | wall best s | wall slowest s | tokens/s | speed-up | latency p50 / p95 s | p95 vs lone |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for way, label in WAYS.items():
-        lat = latencies[way]
-        lines.append(
-            f"| {label.format(clients=args.clients)} | {best[way]:.2f} | {max(walls[way]):.2f} | {cpu[way]:.2f} | "
-            f"{'-' if way == 'direct' else f'{min(server_cpus[way]):.2f}'} | "
-            f"{generated_tokens / best[way]:.1f} | {statistics.median(lat):.3f} / {percentile(lat, 0.95):.3f} |"
-        )
-    overhead_ms = (best["sequential"] - best["direct"]) / requests * 1000
-    overhead_cpu_ms = (cpu["sequential"] - cpu["direct"]) / requests * 1000
+    summary = []
+    for result in results.values():
+        walls, latencies, tokens = result["walls"], result["latencies"], result["generated_tokens"]
+        lone = statistics.median([x for run in latencies["sequential"] for x in run])
+        for way, times in walls.items():
+            flat = [x for run in latencies[way] for x in run]
+            speed_up = min(walls["sequential"]) / min(times)
+            p95 = percentile(flat, 0.95)
+            lines.append(
+                f"| {result['label']} | {way} | {min(times):.2f} | {max(times):.2f} | {tokens / min(times):.1f} | "
+                f"{speed_up:.2f}x | {statistics.median(flat):.3f} / {p95:.3f} | {p95 / lone:.2f}x |"
+            )
+            if way != "sequential":
+                summary.append(
+                    f"{result['label'].split(' ')[0]} {way}: {speed_up:.2f}x throughput, p95 {p95 / lone:.2f}x lone"
+                )
+        prompt_lengths = [len(ids) for ids in result["inputs"]]
+        result["prompt_lengths"] = f"{min(prompt_lengths)}-{max(prompt_lengths)}"
     lines += [
         "",
-        f"- Server overhead per request (best sequential server pass minus best direct pass, divided by "
-        f"{requests}): {overhead_ms:.1f} ms wall ({100 * (best['sequential'] / best['direct'] - 1):+.1f}%), "
-        f"{overhead_cpu_ms:.1f} ms CPU, client and server together "
-        f"({100 * (cpu['sequential'] / cpu['direct'] - 1):+.1f}%), that is "
-        f"{overhead_cpu_ms / (generated_tokens / requests):.2f} ms CPU per generated token.",
-        f"- Throughput with {args.clients} concurrent clients against sequential requests: "
-        f"{best['sequential'] / best['concurrent']:.2f}x.",
+        "Prompt lengths (tokens): "
+        + "; ".join(f"{r['label'].split(' ')[0]} {r['prompt_lengths']}" for r in results.values())
+        + "; generated tokens per pass: "
+        + "; ".join(f"{r['label'].split(' ')[0]} {r['generated_tokens']}" for r in results.values())
+        + ".",
         "",
-        "How to read it: the server runs one generation at a time on one worker thread (no batching: the generator "
-        "decodes one sequence against its KV cache), so concurrent clients are queued, none lost, and throughput "
-        "stays that of sequential requests; the waiting requests' HTTP work overlaps the running generation, and "
-        "their latency grows with their place in the queue (p95 is about the whole pass).",
+        "Summary: " + "; ".join(summary) + ".",
         "",
     ]
     return "\n".join(lines)

@@ -428,6 +428,7 @@ def test_full_values_render_every_field_into_the_crds_schema(helm: Path) -> None
         "name": "tc35b",
     }
     assert [metric["type"] for metric in hpa["spec"]["metrics"]] == ["Pods"]
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == QUEUE_DEPTH_METRIC, "the server's metric name"
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 8)
     ingress = one(docs, "Ingress")
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
@@ -506,3 +507,16 @@ def test_allowed_host_paths_reach_the_operator_environment(helm: Path) -> None:
     assert allowed() == ""
     assert allowed("--set", "hostPaths.allowed={/mnt/telechat,/data}") == "/mnt/telechat,/data"
     assert "hostPaths" in render_error(helm, OPERATOR_CHART, "--set", "hostPaths.allowed={relative}")
+
+
+QUEUE_DEPTH_METRIC = "telechat_queue_depth"
+
+
+def test_hpa_queue_metric_is_the_one_the_server_exports() -> None:
+    """The chart's default Pods metric must be a gauge `telechat2 serve` puts on /metrics (it once said telechat2_)."""
+    from telechat2.serve.metrics import ServerMetrics
+
+    values = yaml.safe_load((INFERENCE_CHART / "values.yaml").read_text())
+    assert values["autoscaling"]["queueDepthMetric"] == QUEUE_DEPTH_METRIC
+    exported = {family.name for family in ServerMetrics(lambda: 0, lambda: 0, lambda: True).registry.collect()}
+    assert QUEUE_DEPTH_METRIC in exported

@@ -377,7 +377,7 @@ def test_a_token_that_loses_every_choice_gets_no_expert_output():
 
 
 def test_moe_training_loss_with_capacity_dropping_differs_from_dropless():
-    """The figure in docs/notes/model.md: the same tiny MoE model and batch, loss in training mode at
+    """The figure in docs/telechat2-cli.md: the same tiny MoE model and batch, loss in training mode at
     capacity_factor 1.2 against capacity_factor 0 (no dropping)."""
     losses = {}
     for factor in (1.2, 0.0):

@@ -41,7 +41,7 @@ def test_every_spec_field_is_immutable_deferred_or_job_level() -> None:
 
 
 def test_the_docs_note_lists_every_immutable_field() -> None:
-    note = (REPO / "docs" / "notes" / "opft.md").read_text()
+    note = (REPO / "docs" / "finetune.md").read_text()
     for path in immutable_fields(spec_schema(), "spec"):
         assert f"`{path}`" in note, path
 

@@ -197,6 +197,8 @@ def test_completions_echo_and_models_list(client: TestClient, engine: TeleChat2E
 # -- bad input --------------------------------------------------------------------------------------------------------
 
 LONG = "the model reads a question " * 40  # 641 tokens, more than the limit of 480
+HUGE_INT_TGI = b'{"inputs": "hi", "parameters": {"max_new_tokens": ' + b"9" * 5000 + b"}}"
+HUGE_INT_OPENAI = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"7" * 5000 + b"}"
 
 
 @pytest.mark.parametrize(
@@ -219,6 +221,16 @@ LONG = "the model reads a question " * 40  # 641 tokens, more than the limit of 
         ("/v1/chat/completions", {"messages": MESSAGES, "temperature": "hot"}, 400, "temperature"),
         ("/v1/chat/completions", {"messages": MESSAGES, "model": "gpt-4"}, 404, "model"),
         ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+        # hardening: huge integers, non-finite numbers, unknown TGI parameters name their field (once a 500 / ignored)
+        ("/generate", HUGE_INT_TGI, 422, "parameters.max_new_tokens"),
+        ("/v1/chat/completions", HUGE_INT_OPENAI, 400, "max_tokens"),
+        ("/generate", b'{"inputs": "hi", "parameters": {"temperature": NaN}}', 422, "parameters.temperature"),
+        ("/generate", b'{"inputs": "hi", "parameters": {"temperature": Infinity}}', 422, "parameters.temperature"),
+        ("/v1/completions", b'{"prompt": "hi", "temperature": NaN}', 400, "temperature"),
+        ("/v1/completions", b'{"prompt": "hi", "top_p": -Infinity}', 400, "top_p"),
+        ("/generate", {"inputs": "hi", "parameters": {"max_new_token": 5}}, 422, "parameters.max_new_token"),
+        ("/generate", {"inputs": "hi", "parameters": {"watermark": True}}, 422, "parameters.watermark"),
+        ("/generate", {"inputs": "hi", "parameters": {"best_of": 2}}, 422, "parameters.best_of"),
     ],
 )
 def test_bad_input_is_a_4xx_naming_the_field(
@@ -235,6 +247,37 @@ def test_bad_input_is_a_4xx_naming_the_field(
         assert error["param"] == field and field in error["message"]
     else:  # TGI's
         assert response.json()["field"] == field and error.startswith(field)
+
+
+def test_deeply_nested_json_is_a_400_naming_where(client: TestClient) -> None:
+    """100,000 nested lists overflow json's recursion (once a 500); 40 levels parse but exceed the depth limit."""
+    for depth in (100_000, 40):
+        body = b'{"inputs": "hi", "parameters": {"stop": ' + b"[" * depth + b"]" * depth + b"}}"
+        response = client.post("/generate", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert response.json()["field"].startswith("parameters.stop[0][0]"), response.json()
+        assert "nested deeper than" in response.json()["error"]
+    body = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["param"].startswith("messages[0]")
+
+
+def test_neutral_tgi_parameters_are_accepted(client: TestClient) -> None:
+    parameters = {"max_new_tokens": 1, "watermark": False, "best_of": 1, "decoder_input_details": False}
+    response = client.post("/generate", json={"inputs": "hi", "parameters": parameters})
+    assert response.status_code == 200, response.text
+
+
+def test_body_over_the_limit_is_413_even_without_a_content_length(engine: TeleChat2Engine) -> None:
+    settings = ServeSettings(model_name=MODEL, max_seq_len=96, max_input_token_len=64, max_body_bytes=4096)
+    body = json.dumps({"inputs": "x" * 5000}).encode()
+    with TestClient(create_app(settings, lambda: engine)) as small:
+        wait_ready(small)
+        declared = small.post("/generate", content=body, headers={"content-type": "application/json"})
+        assert declared.status_code == 413 and declared.json()["field"] == "body"
+        chunked = small.post("/v1/completions", content=iter([body[:3000], body[3000:]]))  # no Content-Length
+        assert chunked.status_code == 413 and chunked.json()["error"]["type"] == "payload_too_large"
+        assert small.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 1}}).status_code == 200
 
 
 # -- auth, readiness, metrics -----------------------------------------------------------------------------------------
