@@ -207,10 +207,13 @@ def run_sample(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.cluster.real_sample", description=__doc__.split("\n")[0])
-    parser.add_argument("--state-dir", type=Path, default=Path(os.environ.get("KUBECONFIG", "")).parent or None)
+    parser.add_argument("--state-dir", type=Path, help="default: the directory of $KUBECONFIG, else .cluster/")
     parser.add_argument("--no-wait", action="store_true", help="apply the sample job and return")
     args = parser.parse_args(argv)
-    state = (args.state_dir or DEFAULT_STATE_DIR).resolve()
+    kubeconfig = os.environ.get("KUBECONFIG")
+    state = (args.state_dir or (Path(kubeconfig).parent if kubeconfig else DEFAULT_STATE_DIR)).resolve()
+    if not (state / "kubeconfig").is_file():
+        raise SystemExit(f"real_sample: no cluster in {state} (no kubeconfig); start one with `up --real`")
     cluster = ClusterHandle(state / "kubeconfig", state / "bin", state)
     run_sample(cluster, wait=not args.no_wait)
     return 0
