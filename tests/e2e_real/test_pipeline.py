@@ -10,6 +10,7 @@ through its real probes and answers `/generate` and `/v1/chat/completions` throu
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import time
@@ -184,10 +185,19 @@ def test_finetune_kill_resume_merge_then_serve(
     )
     kill_container(cluster, rank1)
     waiting(
-        "2 rank pods of attempt 2",
-        lambda: len(pods(cluster, ns, f"{selector},telechat.io/attempt=2")) == 2 or None,
+        "attempt 1 gone and 2 rank pods of attempt 2",
+        lambda: (
+            len(pods(cluster, ns, f"{selector},telechat.io/attempt=2")) == 2
+            and not [
+                p
+                for p in pods(cluster, ns, f"{selector},telechat.io/attempt=1")
+                if p["status"].get("phase") in ("Pending", "Running")
+            ]
+        )
+        or None,
         timeout=300,
     )
+    attempt1_steps, _ = steps_logged(output)  # attempt 1 can log no more: what attempt 2 must continue from
 
     done = waiting(
         "the TeleChatFinetune to succeed (training resumed, then the merge pod)",
@@ -205,12 +215,12 @@ def test_finetune_kill_resume_merge_then_serve(
     # Resumed, not restarted: after the kill rank 0's step count continues past the checkpoint's step, and the run
     # ends at the last step once, instead of counting from 1 again.
     steps, total = steps_logged(output)
-    restarts = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
-    # Appended: attempt 2 starts where the step count drops; if it rewrote the log, the whole log is attempt 2.
-    resumed_at = steps[restarts[-1]] if restarts else steps[0]
-    assert resumed_at > 1, f"attempt 2 started from step 1, not from the checkpoint: {steps}"
-    if restarts:
-        assert resumed_at <= steps[restarts[-1] - 1] + 1, f"attempt 2 skipped steps: {steps}"
+    # Every attempt appends to the same log (as in tests/unit/test_train.py's resume test): attempt 2 starts right
+    # after what attempt 1 logged, past step 1 and at most one past attempt 1's last step (its newest checkpoint).
+    assert steps[: len(attempt1_steps)] == attempt1_steps and attempt1_steps, f"{attempt1_steps} / {steps}"
+    resumed = steps[len(attempt1_steps) :]
+    assert resumed and 1 < resumed[0] <= attempt1_steps[-1] + 1, f"attempt 2 did not resume: {steps}"
+    assert all(later > 1 for earlier, later in itertools.pairwise(steps) if later <= earlier), steps
     assert steps[-1] == total, f"training did not run to its last step {total}: {steps[-5:]}"
     for rank in (0, 1):
         assert list((output / "checkpoint" / f"rank_{rank}").glob("*.ckpt")), f"no checkpoint of rank {rank}"
