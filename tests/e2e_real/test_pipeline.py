@@ -14,6 +14,7 @@ import itertools
 import json
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,9 +128,12 @@ def steps_logged(output: Path, rank: int = 0) -> tuple[list[int], int]:
 
 def post(url: str, body: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        assert response.status == 200
-        return json.loads(response.read())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            assert response.status == 200
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:  # the server's JSON error names the field it refused
+        raise AssertionError(f"POST {url} {body}: HTTP {error.code}: {error.read().decode(errors='replace')}") from None
 
 
 def test_finetune_kill_resume_merge_then_serve(
