@@ -18,7 +18,6 @@ from telechat2.tokenizer import EOS_ID
 
 log = logging.getLogger(__name__)
 
-PROMPT_IN_STEP_CPU = 64  # see TeleChat2Engine.open_batch
 _YAML_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
 
 
@@ -135,16 +134,17 @@ class TeleChat2Engine:
     def open_batch(self, max_batch: int) -> ModelBatch:
         """A decode batch of up to `max_batch` sequences over this model (`telechat2.batched.BatchGenerator`).
 
-        On CPU, prompts up to PROMPT_IN_STEP_CPU tokens are read by the compiled batched step (a token per step,
-        alongside the running sequences) rather than by the operator-by-operator prefill, which costs more there
-        than dozens of compiled steps; on Ascend every prompt is prefilled in one pass.
+        On CPU every prompt is prefilled by one compiled pass padded to a length bucket
+        (`telechat2.batched.TeleChat2CompiledPrefill`): the operator-by-operator prefill costs dozens of steps
+        there, and reading the prompt a token per batched step held a new request back for as many steps as it
+        had prompt tokens. On Ascend the prompt runs through the model's own (flash attention) prefill.
         """
         import mindspore as ms
 
         from telechat2.batched import BatchGenerator
 
-        in_step = PROMPT_IN_STEP_CPU if ms.get_context("device_target") == "CPU" else 0
-        return ModelBatch(BatchGenerator(self.model, max_batch, prompt_in_step=in_step))
+        compiled = ms.get_context("device_target") == "CPU"
+        return ModelBatch(BatchGenerator(self.model, max_batch, compile_prefill=compiled))
 
 
 class ModelBatch:

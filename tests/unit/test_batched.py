@@ -45,8 +45,14 @@ def test_buckets_are_powers_of_two_up_to_the_maximum() -> None:
         buckets(0)
 
 
-@pytest.mark.parametrize("prompt_in_step", [0, 32], ids=["prefilled", "prompts-in-step"])
-def test_each_sequence_gets_its_lone_output_while_others_join_and_leave(model, prompt_in_step: int) -> None:
+@pytest.mark.parametrize(
+    ("prompt_in_step", "compile_prefill"),
+    [(0, False), (32, False), (0, True)],
+    ids=["prefilled", "prompts-in-step", "compiled-prefill"],
+)
+def test_each_sequence_gets_its_lone_output_while_others_join_and_leave(
+    model, prompt_in_step: int, compile_prefill: bool
+) -> None:
     greedy = GenerationConfig(max_new_tokens=12, stop_token_ids=())  # default repetition penalty 1.03 included
     requests = {
         1: (prompt(5, 1), GenerationConfig(max_new_tokens=14, stop_token_ids=())),
@@ -59,7 +65,8 @@ def test_each_sequence_gets_its_lone_output_while_others_join_and_leave(model, p
     }
     expected = {seq_id: generate(model, ids, config) for seq_id, (ids, config) in requests.items()}
 
-    batch = BatchGenerator(model, max_batch=4, prompt_in_step=prompt_in_step)  # 32: prompts 3-30 in the step
+    batch = BatchGenerator(model, max_batch=4, prompt_in_step=prompt_in_step, compile_prefill=compile_prefill)
+    # 32: prompts 3-30 in the step; compiled: prompts padded to 16/32/64 (the 80-token one falls back past 64)
     outputs: dict[int, list[int]] = {}
     ended: dict[int, str] = {}
     joins = {0: [1, 2], 2: [3], 3: [4, 5], 8: [6, 7]}  # step index -> sequences joining before it
