@@ -321,12 +321,13 @@ class BatchGenerator:
     def _write_row(self, row: int, cache: tuple[tuple[Tensor, Tensor], ...]) -> None:
         """Copy a prefill cache [1, K, T, D] per layer into row `row` of the slot caches (positions 0..T-1)."""
         keys, values = [], []
+        where = Tensor(np.asarray([[row]], np.int32))  # one scatter per cache: same shapes for every row
         for index, (key, value) in enumerate(cache):
             _, kv_heads, length, dim = key.shape
             padding = ops.zeros((1, kv_heads, self.max_length - length, dim), key.dtype) if length < self.max_length else None
             for new, old, out in ((key, self.keys[index], keys), (value, self.values[index], values)):
                 full = new if padding is None else ops.cat((new, padding), axis=2)
-                out.append(ops.cat((old[:row], full, old[row + 1 :]), axis=0) if self.capacity > 1 else full)
+                out.append(ops.tensor_scatter_update(old, where, full) if self.capacity > 1 else full)
         self.keys, self.values = tuple(keys), tuple(values)
 
     def _resize(self, size: int) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tiny_model import build_tiny_model
 
-from telechat2.batched import BatchGenerator, TableRotary, buckets
+from telechat2.batched import BatchGenerator, TableRotary, buckets, compiled_prefill, prefill_length
 from telechat2.generation import GenerationConfig, generate
 
 SEQ_LENGTH = 96
@@ -43,6 +43,23 @@ def test_buckets_are_powers_of_two_up_to_the_maximum() -> None:
     assert buckets(6) == (1, 2, 4, 6)
     with pytest.raises(ValueError, match="max_batch"):
         buckets(0)
+
+
+def test_prefill_lengths_are_powers_of_two_from_16_capped_at_seq_length() -> None:
+    assert [prefill_length(n, 96) for n in (1, 16, 17, 32, 33, 64, 65, 95)] == [16, 16, 32, 32, 64, 64, 96, 96]
+
+
+def test_compiled_prefill_matches_the_model_forward_and_pads_the_cache_to_seq_length(model) -> None:
+    """Padding after the prompt must not change the real positions: same last logits, same K/V at 0..T-1."""
+    ids = prompt(21, 9)  # padded to 32
+    logits, cache = model.forward(ms.Tensor(np.asarray([ids], np.int32)), last_only=True)
+    got, keys, values = compiled_prefill(model).run(ids)
+    assert got.shape == logits.shape
+    np.testing.assert_allclose(got.asnumpy(), logits.asnumpy(), rtol=1e-5, atol=1e-5)
+    for (key, value), new_key, new_value in zip(cache, keys, values, strict=True):
+        assert new_key.shape[2] == SEQ_LENGTH and new_value.shape[2] == SEQ_LENGTH
+        np.testing.assert_allclose(new_key.asnumpy()[:, :, : len(ids)], key.asnumpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(new_value.asnumpy()[:, :, : len(ids)], value.asnumpy(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
