@@ -324,7 +324,9 @@ class BatchGenerator:
         where = Tensor(np.asarray([[row]], np.int32))  # one scatter per cache: same shapes for every row
         for index, (key, value) in enumerate(cache):
             _, kv_heads, length, dim = key.shape
-            padding = ops.zeros((1, kv_heads, self.max_length - length, dim), key.dtype) if length < self.max_length else None
+            padding = None
+            if length < self.max_length:
+                padding = ops.zeros((1, kv_heads, self.max_length - length, dim), key.dtype)
             for new, old, out in ((key, self.keys[index], keys), (value, self.values[index], values)):
                 full = new if padding is None else ops.cat((new, padding), axis=2)
                 out.append(ops.tensor_scatter_update(old, where, full) if self.capacity > 1 else full)
