@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from telechat2.config import TeleChat2Config
+from telechat2.configuration import TeleChat2Config
 from telechat2.generation import GenerationConfig
 
 # model_config keys of the seed's YAML that carry generation defaults -> GenerationConfig fields

@@ -43,7 +43,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from telechat2.checkpoint_io import CheckpointError, CkptReader
-from telechat2.config import TeleChat2Config
+from telechat2.configuration import TeleChat2Config
 from telechat2.modeling import (
     TeleChat2Attention,
     TeleChat2CausalLMLoss,
