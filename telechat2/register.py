@@ -82,7 +82,7 @@ class TeleChat2MFForCausalLM(TeleChat2ForCausalLM, PreTrainedModel):
         parallel_config = getattr(config, "parallel_config", None)
         if parallel_config is not None and semi_auto_parallel_active():
             # MindFormers' Trainer builds the network here after build_context set the parallel mode: the one
-            # place every semi-auto parallel run (finetune through telechat2.train, or MindFormers' own scripts)
+            # place every semi-auto parallel run (finetune through telechat2.finetune, or MindFormers' own scripts)
             # passes through. Data-parallel and stand-alone runs (CPU) skip it.
             apply_parallel_plan(self, parallel_config, offset=getattr(config, "offset", 0) or 0)
 
