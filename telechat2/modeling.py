@@ -22,7 +22,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, One, Zero, initializer
 
-from telechat2.config import TeleChat2Config
+from telechat2.configuration import TeleChat2Config
 
 _MASKED = -1e9  # additive attention mask value: finite, so a fully masked row stays NaN-free
 

@@ -87,7 +87,7 @@ class Batch(Protocol):
 
 
 class TeleChat2Engine:
-    """TeleChat2 on MindSpore: `telechat2.predict.load_model` + `telechat2.generation.stream_generate`."""
+    """TeleChat2 on MindSpore: `telechat2.loading.load_model` + `telechat2.generation.stream_generate`."""
 
     def __init__(self, model: Any, tokenizer: Tokenizer, defaults: SamplingParams | None = None) -> None:
         self.model = model
@@ -108,7 +108,7 @@ class TeleChat2Engine:
         Generation defaults: TeleChat2's, overridden by the YAML's model_config keys (as `telechat2 predict`).
         `tensor_parallel` (a `telechat2.tensor_parallel.TensorParallel`, under msrun) loads this rank's share.
         """
-        from telechat2.predict import load_model, read_run_config
+        from telechat2.loading import load_model, read_run_config
         from telechat2.tokenizer import TeleChat2Tokenizer
 
         run_config = read_run_config(config)
