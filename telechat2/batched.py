@@ -121,12 +121,72 @@ class TeleChat2BatchedDecoder(nn.Cell):
         where = positions.reshape(batch, 1)
         slot = (key_pos == where).astype(x.dtype).reshape(batch, 1, self.max_length, 1)
         hidden_keys = (key_pos > where).reshape(batch, 1, 1, self.max_length)
+        kv_heads = keys[0].shape[1]  # (row, kv head, position) of every new K/V row: scattered, not blended in
+        rows = ops.broadcast_to(ops.arange(batch, dtype=ms.int32).reshape(batch, 1, 1), (batch, kv_heads, 1))
+        heads = ops.broadcast_to(ops.arange(kv_heads, dtype=ms.int32).reshape(1, kv_heads, 1), (batch, kv_heads, 1))
+        at = ops.broadcast_to(positions.reshape(batch, 1, 1), (batch, kv_heads, 1))
+        write_index = ops.cat((rows, heads, at), axis=-1)  # [B, K, 3]
         new_keys, new_values = (), ()
         for index, layer in enumerate(model.layers):
-            x, key_cache, value_cache = layer.decode_static(x, cos, sin, slot, hidden_keys, keys[index], values[index])
+            x, key_cache, value_cache = layer.decode_static(
+                x, cos, sin, slot, hidden_keys, keys[index], values[index], write_index
+            )
             new_keys = new_keys + (key_cache,)  # noqa: RUF005 (graph mode)
             new_values = new_values + (value_cache,)  # noqa: RUF005
         return self.lm.lm_head(model.norm_out(x)).astype(ms.float32), new_keys, new_values
+
+
+def prefill_length(length: int, max_length: int) -> int:
+    """Padded prompt length the compiled prefill runs at: the next power of two from 16, capped at max_length."""
+    size = 16
+    while size < length:
+        size *= 2
+    return min(size, max_length)
+
+
+class TeleChat2CompiledPrefill(nn.Cell):
+    """A new prompt in one compiled pass (`mindspore.jit`), padded at the end to a length bucket (16, 32, ...).
+
+    On CPU the operator-by-operator (PyNative) prefill costs more than dozens of compiled steps, which is why
+    prompts used to be read a token per batched step (a 20-token prompt then held its row, and delayed its first
+    token, for 20 steps). Padding goes after the prompt, so causal attention keeps the real positions' outputs
+    those of the unpadded prompt; the padded positions' keys land in the slot cache past the sequence's position,
+    where the decode step hides them until it overwrites them. Returns the logits of the last real token [1, 1, V]
+    and caches [1, K, L, D] per layer, ready for a slot row. Compiled once per length bucket.
+    """
+
+    def __init__(self, lm) -> None:
+        super().__init__(auto_prefix=False)  # keep the model's parameter names
+        self.lm = lm
+        self.max_length = lm.architecture.seq_length
+
+    def run(self, ids: Sequence[int]) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        padded = np.zeros((1, prefill_length(len(ids), self.max_length)), np.int32)
+        padded[0, : len(ids)] = ids
+        return self(Tensor(padded), Tensor(np.asarray([len(ids) - 1], np.int32)))
+
+    @ms.jit
+    def construct(self, input_ids: Tensor, last: Tensor) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        hidden, cache, _ = self.lm.model(input_ids)
+        logits = self.lm.lm_head(ops.gather(hidden, last, 1)).astype(ms.float32)  # [1, 1, V]
+        keys, values = (), ()
+        for key, value in cache:
+            batch, kv_heads, length, dim = key.shape
+            if length < self.max_length:
+                padding = ops.zeros((batch, kv_heads, self.max_length - length, dim), key.dtype)
+                key, value = ops.cat((key, padding), axis=2), ops.cat((value, padding), axis=2)
+            keys = keys + (key,)  # noqa: RUF005 (graph mode)
+            values = values + (value,)  # noqa: RUF005
+        return logits, keys, values
+
+
+def compiled_prefill(model) -> TeleChat2CompiledPrefill:
+    """The model's compiled prefill (built on first use, then reused, so compiled length buckets are kept)."""
+    prefill = model.__dict__.get("_compiled_prefill")
+    if prefill is None:
+        prefill = TeleChat2CompiledPrefill(model)
+        object.__setattr__(model, "_compiled_prefill", prefill)  # a plain reference, not a child cell
+    return prefill
 
 
 def batched_decoder(model) -> TeleChat2BatchedDecoder:
@@ -167,7 +227,14 @@ class BatchGenerator:
     seq_length - prompt) tokens at most.
     """
 
-    def __init__(self, model, max_batch: int, rotary: Rotary | None = None, prompt_in_step: int = 0) -> None:
+    def __init__(
+        self,
+        model,
+        max_batch: int,
+        rotary: Rotary | None = None,
+        prompt_in_step: int = 0,
+        compile_prefill: bool = False,
+    ) -> None:
         if ms.get_context("mode") != ms.PYNATIVE_MODE:
             raise RuntimeError("generation needs PyNative mode: mindspore.set_context(mode=mindspore.PYNATIVE_MODE)")
         self.model = model
@@ -178,6 +245,7 @@ class BatchGenerator:
         self.max_length = model.architecture.seq_length
         self.vocab_size = model.architecture.vocab_size
         self.prompt_in_step = prompt_in_step
+        self.prefill = compiled_prefill(model) if compile_prefill else None
         self.sequences: dict[int, _Sequence] = {}
         self.rows: list[int | None] = []  # row -> seq_id (None: free); len == the current bucket
         self.keys: tuple[Tensor, ...] = ()
@@ -234,8 +302,13 @@ class BatchGenerator:
             self.rows[row] = seq_id
             self.sequences[seq_id] = seq
             return None
-        logits, cache = self.model.forward(Tensor(np.asarray([ids], np.int32)), last_only=True)
-        self._write_row(row, cache)
+        padded = prefill_length(len(ids), self.max_length)
+        if self.prefill is not None and padded <= self.model.model.training_seqlen:  # longer: per-length rotary
+            logits, keys, values = self.prefill.run(ids)
+            self._write_row(row, tuple(zip(keys, values, strict=True)))
+        else:
+            logits, cache = self.model.forward(Tensor(np.asarray([ids], np.int32)), last_only=True)
+            self._write_row(row, cache)
         self.rows[row] = seq_id
         self.sequences[seq_id] = seq
         return self._pick(seq_id, seq, logits.asnumpy()[0, -1])
@@ -248,12 +321,15 @@ class BatchGenerator:
     def _write_row(self, row: int, cache: tuple[tuple[Tensor, Tensor], ...]) -> None:
         """Copy a prefill cache [1, K, T, D] per layer into row `row` of the slot caches (positions 0..T-1)."""
         keys, values = [], []
+        where = Tensor(np.asarray([[row]], np.int32))  # one scatter per cache: same shapes for every row
         for index, (key, value) in enumerate(cache):
             _, kv_heads, length, dim = key.shape
-            padding = ops.zeros((1, kv_heads, self.max_length - length, dim), key.dtype)
+            padding = None
+            if length < self.max_length:
+                padding = ops.zeros((1, kv_heads, self.max_length - length, dim), key.dtype)
             for new, old, out in ((key, self.keys[index], keys), (value, self.values[index], values)):
-                full = ops.cat((new, padding), axis=2)
-                out.append(ops.cat((old[:row], full, old[row + 1 :]), axis=0) if self.capacity > 1 else full)
+                full = new if padding is None else ops.cat((new, padding), axis=2)
+                out.append(ops.tensor_scatter_update(old, where, full) if self.capacity > 1 else full)
         self.keys, self.values = tuple(keys), tuple(values)
 
     def _resize(self, size: int) -> None:

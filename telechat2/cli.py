@@ -14,10 +14,10 @@ import sys
 # subcommand -> (module, one-line help). Order is the order of a model's life.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "describe": ("telechat2.describe", "architecture, exact parameter count and memory per device of a model"),
-    "preprocess": ("telechat2.data", "turn a jsonl chat dataset into packed MindRecord for finetuning"),
+    "preprocess": ("telechat2.preprocess", "turn a jsonl chat dataset into packed MindRecord for finetuning"),
     "convert": ("telechat2.convert", "convert Hugging Face (torch) weights to a MindSpore checkpoint"),
     "convert-reversed": ("telechat2.convert_reversed", "convert a MindSpore checkpoint back to Hugging Face weights"),
-    "finetune": ("telechat2.train", "finetune (or resume) from a rendered MindFormers YAML"),
+    "finetune": ("telechat2.finetune", "finetune (or resume) from a rendered MindFormers YAML"),
     "predict": ("telechat2.predict", "generate text for a prompt, or chat interactively"),
     "merge": ("telechat2.merge", "merge distributed checkpoint shards into one full checkpoint"),
     "launch": ("telechat2.launch", "pod entrypoint: resolve the master, then run msrun with join=True"),

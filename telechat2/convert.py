@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from telechat2.checkpoint_io import ST_TO_NP, CheckpointError, CkptWriter, check_finite, numpy_dtype
-from telechat2.config import TeleChat2Config
+from telechat2.configuration import TeleChat2Config
 from telechat2.weights import Piece, TensorPlan, architecture_from_hf_config, conversion_plan, hf_shapes
 
 DTYPES = ("float32", "bfloat16", "float16", "keep")

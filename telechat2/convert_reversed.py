@@ -34,7 +34,7 @@ from telechat2.checkpoint_io import (
     check_finite,
     numpy_dtype,
 )
-from telechat2.config import TeleChat2Config
+from telechat2.configuration import TeleChat2Config
 from telechat2.convert import add_architecture_arguments, resolve_architecture
 from telechat2.weights import conversion_plan, hf_config_dict, hf_shapes, piece_shape
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from telechat2 import configs
-from telechat2.config import TeleChat2Config
+from telechat2.configuration import TeleChat2Config
 
 DEVICE_MEMORY_BYTES = 64 * 2**30  # one Ascend 910B (Atlas 800T A2) NPU: 64 GB HBM
 GIB = 2**30

@@ -2,7 +2,7 @@
 
 Used by `telechat2 predict` and the HTTP server. The logits processing (repetition penalty, temperature, top-k,
 top-p) is plain numpy on one row of logits, so it is testable without a model. The model runs in PyNative mode
-(`telechat2.predict.load_model` sets it): graph mode would recompile for every new sequence length.
+(`telechat2.loading.load_model` sets it): graph mode would recompile for every new sequence length.
 
 Stop tokens end generation and are not yielded. `stream_generate` returns (as the generator's return value, seen
 by `yield from`) why it ended: "stop" (a stop token), "length" (max_new_tokens or the model's seq_length) or

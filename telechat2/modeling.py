@@ -22,7 +22,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, One, Zero, initializer
 
-from telechat2.config import TeleChat2Config
+from telechat2.configuration import TeleChat2Config
 
 _MASKED = -1e9  # additive attention mask value: finite, so a fully masked row stays NaN-free
 
@@ -299,22 +299,34 @@ class TeleChat2Attention(nn.Cell):
         hidden_keys: Tensor,
         key_cache: Tensor,
         value_cache: Tensor,
+        write_index: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One new token against fixed-size caches [B, K, L, D] (see `TeleChat2StaticCacheDecoder`).
 
         slot [1, 1, L, 1] is 1 at the token's position (its K and V are written there), hidden_keys [1, 1, 1, L]
-        is True past it. Portable ops only: one query row needs no flash attention.
+        is True past it. `write_index` [B, K, 3] ((row, kv head, position) per new K/V row), when given, writes
+        them by scatter instead of the slot blend. Portable ops only: one query row needs no flash attention.
         """
         batch = x.shape[0]
         q, k, v = self._project(x)
         q = apply_rotary_pos_emb(q, cos, sin)
         k = apply_rotary_pos_emb(k, cos, sin)
-        key_cache = key_cache * (1 - slot) + k * slot  # exact: each entry keeps its value or takes the new one
-        value_cache = value_cache * (1 - slot) + v * slot
-        scores = ops.matmul(q, repeat_kv(key_cache, self.n_rep).swapaxes(-1, -2)).astype(ms.float32) * self.scale
+        if write_index is None:  # exact: each entry keeps its value or takes the new one
+            key_cache = key_cache * (1 - slot) + k * slot
+            value_cache = value_cache * (1 - slot) + v * slot
+        else:  # the new rows scattered in: one copy of the cache at most, not a blend of four passes over it
+            key_cache = ops.tensor_scatter_update(key_cache, write_index, k.reshape(write_index.shape[:-1] + (-1,)))
+            value_cache = ops.tensor_scatter_update(value_cache, write_index, v.reshape(write_index.shape[:-1] + (-1,)))
+        # the n_rep query heads of a KV head ride in one matmul against the cache as stored ([B, K, n_rep, D] @
+        # [B, K, D, L]) instead of a copy of the cache n_rep times wider (repeat_kv)
+        kv_heads = key_cache.shape[1]
+        grouped = q.reshape(batch, kv_heads, self.n_rep, self.head_dim)  # query head h = kv * n_rep + r
+        scores = ops.matmul(grouped, key_cache.swapaxes(-1, -2)).astype(ms.float32) * self.scale  # [B, K, n_rep, L]
+        scores = scores.reshape(batch, self.num_heads, 1, -1)
         probs = ops.softmax(ops.masked_fill(scores, hidden_keys, _MASKED), axis=-1).astype(value_cache.dtype)
-        context = ops.matmul(probs, repeat_kv(value_cache, self.n_rep))  # [B, N, 1, D]
-        context = context.transpose(0, 2, 1, 3).reshape(batch, 1, self.num_heads * self.head_dim)
+        probs = probs.reshape(batch, kv_heads, self.n_rep, -1)
+        context = ops.matmul(probs, value_cache)  # [B, K, n_rep, D]: head order kv * n_rep + r, as repeat_kv's
+        context = context.reshape(batch, 1, self.num_heads * self.head_dim)
         return self.wo(context), key_cache, value_cache
 
 
@@ -508,10 +520,11 @@ class TeleChat2DecoderLayer(nn.Cell):
         hidden_keys: Tensor,
         key_cache: Tensor,
         value_cache: Tensor,
+        write_index: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """`construct` for one token with fixed-size caches -> (hidden [B, 1, H], key_cache, value_cache)."""
         attn_out, key_cache, value_cache = self.attention.decode_static(
-            self.attention_norm(x), cos, sin, slot, hidden_keys, key_cache, value_cache
+            self.attention_norm(x), cos, sin, slot, hidden_keys, key_cache, value_cache, write_index
         )
         x = x + attn_out
         ffn_out = self.feed_forward(self.ffn_norm(x))

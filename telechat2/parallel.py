@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from telechat2.config import TeleChat2Config
+from telechat2.configuration import TeleChat2Config
 
 Strategy = tuple[tuple[int, ...], ...]
 

@@ -1,4 +1,4 @@
-"""`telechat2 predict`: generate for a raw prompt, or chat interactively; plus `load_model`, reused by the server.
+"""`telechat2 predict`: generate for a raw prompt, or chat interactively (model loading: `telechat2.loading`).
 
     telechat2 predict --config telechat2-7b --load_checkpoint telechat2_7b.ckpt --vocab_file tokenizer.model \\
         --predict_data "<_start><_user>生抽与老抽的区别？<_bot>"
@@ -13,14 +13,12 @@ Under msrun with `parallel_config.model_parallel` equal to the number of ranks, 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, TextIO
 
-from telechat2.config import TeleChat2Config
 from telechat2.generation import GenerationConfig
+from telechat2.loading import load_model, read_run_config
 
 # model_config keys of the seed's YAML that carry generation defaults -> GenerationConfig fields
 _YAML_GENERATION_KEYS = {
@@ -31,123 +29,6 @@ _YAML_GENERATION_KEYS = {
     "repetition_penalty": "repetition_penalty",
     "max_new_tokens": "max_new_tokens",
 }
-_MODEL_PREFIXES = ("model.", "lm_head.")  # checkpoint keys that belong to the network (the rest: optimizer state)
-
-
-# -- configuration ----------------------------------------------------------------------------------------------------
-
-
-def read_run_config(config: str) -> dict[str, Any]:
-    """The YAML mapping at path `config`, or the rendered predict config of the model named `config`."""
-    from telechat2 import configs  # no MindSpore import
-
-    path = Path(config)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {config}: no such YAML file")
-        document = configs.load_yaml_with_bases(path)  # resolves base_config like MindFormers
-        if not isinstance((document.get("model") or {}).get("model_config"), dict):
-            raise ValueError(f"--config {config}: a MindFormers YAML needs a model.model_config mapping")
-        return document
-    return configs.load_config(config, "predict")
-
-
-def architecture_from(run_config: dict[str, Any], seq_length: int | None = None) -> TeleChat2Config:
-    """TeleChat2Config from a run config's model.model_config, optionally with another seq_length."""
-    model_config = {k: v for k, v in run_config["model"]["model_config"].items() if k != "type"}
-    arch = TeleChat2Config.from_model_config(model_config)
-    return dataclasses.replace(arch, seq_length=seq_length) if seq_length else arch
-
-
-# -- model loading ----------------------------------------------------------------------------------------------------
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A .ckpt file, or the newest .ckpt in a directory (rank_0/ first, as finetune and merge write them)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        search_dir = path / "rank_0" if (path / "rank_0").is_dir() else path
-        candidates = sorted(search_dir.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name))
-        if candidates:
-            return candidates[-1]
-        raise FileNotFoundError(f"checkpoint directory {path} holds no .ckpt file")
-    raise FileNotFoundError(f"checkpoint {path} does not exist")
-
-
-def check_checkpoint_matches(
-    path: Path, saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]
-) -> None:
-    """Refuse a checkpoint whose model parameters (names and shapes) are not exactly the model's, naming them all."""
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(n for n in saved if n.startswith(_MODEL_PREFIXES) and n not in expected)
-    mis_shaped = [
-        f"{name} {saved[name]} != {shape}" for name, shape in expected.items() if name in saved and saved[name] != shape
-    ]
-    problems = []
-    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
-        if names:
-            shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
-            problems.append(f"{label}: {shown}")
-    if any("w_qkv" in name for name in missing + unexpected):
-        problems.append("the attention layouts differ: set model_config.qkv_concat to the checkpoint's layout")
-    if problems:
-        raise ValueError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
-
-
-def load_checkpoint_into(model, checkpoint: str | Path) -> Path:
-    """Load a full checkpoint into `model`, refusing missing, unknown or mis-shaped parameters (all named)."""
-    import mindspore as ms
-
-    path = resolve_checkpoint(checkpoint)
-    try:
-        saved = ms.load_checkpoint(str(path))
-    except Exception as exc:  # MindSpore raises ValueError/RuntimeError for corrupt files
-        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
-    expected = dict(model.parameters_and_names())
-    check_checkpoint_matches(
-        path, {n: tuple(t.shape) for n, t in saved.items()}, {n: tuple(p.shape) for n, p in expected.items()}
-    )
-    params = {name: _as_dtype(saved[name], param.dtype, name) for name, param in expected.items()}
-    not_loaded, _ = ms.load_param_into_net(model, params, strict_load=True)
-    if not_loaded:
-        raise ValueError(f"checkpoint {path}: parameters not loaded: {', '.join(not_loaded)}")
-    return path
-
-
-def _as_dtype(value, dtype, name: str):
-    """A bfloat16/float16 checkpoint loads into a float32 model (and back): cast instead of failing."""
-    import mindspore as ms
-
-    return value if value.dtype == dtype else ms.Parameter(value.astype(dtype), name=name)
-
-
-def load_model(config: str, checkpoint: str | None, seq_length: int | None = None, tensor_parallel=None):
-    """Build TeleChat2ForCausalLM from a YAML path or model name and load `checkpoint` (None = random weights).
-
-    Switches MindSpore to PyNative mode (generation feeds a new shape each step). Off Ascend, the fused Ascend
-    kernels are turned off and the compute dtype is float32, whatever the YAML asks (bfloat16 is an NPU choice).
-    With `tensor_parallel` (a `telechat2.tensor_parallel.TensorParallel` of size > 1, under msrun) this rank builds
-    its share of the model and reads only its slices of the full checkpoint.
-    """
-    import mindspore as ms
-
-    from telechat2.modeling import TeleChat2ForCausalLM
-
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    arch = architecture_from(read_run_config(config), seq_length)
-    if ms.get_context("device_target") != "Ascend":
-        arch = dataclasses.replace(arch, use_flash_attention=False, use_fused_rms_norm=False, compute_dtype="float32")
-    if tensor_parallel is not None and tensor_parallel.size > 1:
-        from telechat2 import tensor_parallel as tp
-
-        return tp.load_model(arch, checkpoint, tensor_parallel)
-    model = TeleChat2ForCausalLM(arch)
-    if checkpoint:
-        load_checkpoint_into(model, checkpoint)
-    model.set_train(False)
-    return model
 
 
 # -- command line -----------------------------------------------------------------------------------------------------
@@ -294,11 +175,11 @@ def run(args: argparse.Namespace) -> int:
     model is split over them (`telechat2.tensor_parallel`); every rank generates in step and rank 0 prints."""
     import os
 
-    from telechat2.serve import distributed
+    from telechat2 import msrun
 
-    if distributed.is_msrun_scheduler(os.environ):
-        return distributed.run_msrun_scheduler()
-    group = distributed.ProcessGroup.from_env(os.environ)
+    if msrun.is_msrun_scheduler(os.environ):
+        return msrun.run_msrun_scheduler()
+    group = msrun.ProcessGroup.from_env(os.environ)
     if args.use_parallel and group.world_size == 1:
         print(
             "predict: --use_parallel True needs several ranks: start it under msrun with parallel_config."
@@ -317,11 +198,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         run_config = read_run_config(args.config)
-        layout = distributed.plan_layout(run_config, group)
+        layout = msrun.plan_layout(run_config, group)
         tokenizer = TeleChat2Tokenizer(_vocab_file(args, run_config))
         gen_config = generation_config_from(args, run_config, tokenizer)
-        place = distributed.join_cluster(group) if group.msrun_worker or layout == distributed.TENSOR_PARALLEL else None
-        tensor_parallel = place if layout == distributed.TENSOR_PARALLEL else None
+        place = msrun.join_cluster(group) if group.msrun_worker or layout == msrun.TENSOR_PARALLEL else None
+        tensor_parallel = place if layout == msrun.TENSOR_PARALLEL else None
         if tensor_parallel is not None and gen_config.do_sample and gen_config.seed is None:
             from telechat2.tensor_parallel import shared_seed
 

@@ -8,7 +8,7 @@ A YAML `model` section then reads:
 
 MindFormers' Trainer wants a `PreTrainedModel` whose `config` is a `PretrainedConfig`, so this module wraps our
 plain classes: `TeleChat2MFConfig` carries the YAML keys (architecture plus whatever runtime keys MindFormers adds,
-such as parallel_config) and converts to `telechat2.config.TeleChat2Config`; `TeleChat2MFForCausalLM` is the same
+such as parallel_config) and converts to `telechat2.configuration.TeleChat2Config`; `TeleChat2MFForCausalLM` is the same
 network as `telechat2.modeling.TeleChat2ForCausalLM` (same parameter names, same construct) with MindFormers' base
 class added. MindFormers' own TeleChat2 classes are registered under its new-API names, so ours do not clash.
 Importing this module imports MindFormers (several seconds); `telechat2.modeling` does not.
@@ -26,7 +26,7 @@ from mindformers.modules.transformer.transformer import TransformerOpParallelCon
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 import telechat2.tokenizer
-from telechat2.config import TeleChat2Config
+from telechat2.configuration import TeleChat2Config
 from telechat2.modeling import TeleChat2ForCausalLM
 from telechat2.parallel import apply_parallel_plan, semi_auto_parallel_active
 
@@ -82,7 +82,7 @@ class TeleChat2MFForCausalLM(TeleChat2ForCausalLM, PreTrainedModel):
         parallel_config = getattr(config, "parallel_config", None)
         if parallel_config is not None and semi_auto_parallel_active():
             # MindFormers' Trainer builds the network here after build_context set the parallel mode: the one
-            # place every semi-auto parallel run (finetune through telechat2.train, or MindFormers' own scripts)
+            # place every semi-auto parallel run (finetune through telechat2.finetune, or MindFormers' own scripts)
             # passes through. Data-parallel and stand-alone runs (CPU) skip it.
             apply_parallel_plan(self, parallel_config, offset=getattr(config, "offset", 0) or 0)
 

@@ -15,8 +15,9 @@ shape each step), so inference splits the network by hand, as vLLM-MindSpore and
 | norms, rotary tables | replicated | none |
 
 So attention runs on the rank's own heads (the KV cache holds local heads only) and every rank ends each step
-with the same full logits. Parameter names equal the single-device model's, and `load_sharded_checkpoint` cuts a
-rank's slices out of the full (merged) checkpoint one tensor at a time, so a merged finetune checkpoint serves as is.
+with the same full logits. Parameter names equal the single-device model's, and
+`telechat2.loading.load_sharded_checkpoint` cuts a rank's slices out of the full (merged) checkpoint one tensor at a
+time, so a merged finetune checkpoint serves as is.
 
 `wk_v` interleaves K and V per KV head ([K_h0, V_h0, K_h1, V_h1, ...] rows), so a rank's KV heads are one
 contiguous block of rows; `w_qkv` = [Q; K_all; V_all] and `w_gate_hidden` = [w1; w3] are split segment by segment.
@@ -34,7 +35,6 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import mindspore as ms
@@ -42,8 +42,8 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from telechat2.checkpoint_io import CheckpointError, CkptReader
-from telechat2.config import TeleChat2Config
+from telechat2.checkpoint_io import CkptReader
+from telechat2.configuration import TeleChat2Config
 from telechat2.modeling import (
     TeleChat2Attention,
     TeleChat2CausalLMLoss,
@@ -422,47 +422,3 @@ def build_model(config: TeleChat2Config, tp: TensorParallel) -> TensorParallelFo
     """TeleChat2ForCausalLM split over `tp.size` ranks (this rank's slices, random until a checkpoint is loaded)."""
     check_divisible(config, tp.size)
     return TensorParallelForCausalLM(config, tp)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loading: each rank reads its slices of the full checkpoint
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def load_sharded_checkpoint(model: Any, checkpoint: str | Path, tp: TensorParallel) -> Path:
-    """Load this rank's slices of a full (merged) checkpoint into a tensor-parallel `model`.
-
-    The checkpoint must hold exactly the single-device model's parameters (same names and full shapes; optimizer
-    state is ignored); missing, unexpected and mis-shaped tensors are refused, all named. Tensors are read one at
-    a time with `CkptReader`, and row splits read only this rank's rows.
-    """
-    from telechat2.predict import check_checkpoint_matches, resolve_checkpoint
-    from telechat2.weights import ms_shapes
-
-    config: TeleChat2Config = model.architecture
-    path = resolve_checkpoint(checkpoint)
-    try:
-        reader = CkptReader(path)
-    except (CheckpointError, OSError) as exc:
-        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
-    expected = ms_shapes(config, config.qkv_concat)
-    params = dict(model.parameters_and_names())
-    if set(params) != set(expected):  # guards this module against a layout change in modeling / weights
-        raise AssertionError(f"tensor-parallel model and weights.ms_shapes disagree: {set(params) ^ set(expected)}")
-    check_checkpoint_matches(path, {n: tuple(e.shape) for n, e in reader.entries.items()}, expected)
-    for name, param in params.items():
-        shard = shard_of(name, expected[name], config, tp.size)
-        local = read_shard(reader, name, shard, tp.rank, tp.size)
-        if tuple(local.shape) != tuple(param.shape):
-            raise AssertionError(f"{name}: slice {local.shape} != parameter {param.shape}")
-        param.set_data(Tensor(local).astype(param.dtype))  # a bfloat16 checkpoint loads into float32 too
-    return path
-
-
-def load_model(config: TeleChat2Config, checkpoint: str | None, tp: TensorParallel):
-    """The tensor-parallel network for `config` on this rank, with its slices of `checkpoint` (None = random)."""
-    model = build_model(config, tp)
-    if checkpoint:
-        load_sharded_checkpoint(model, checkpoint, tp)
-    model.set_train(False)
-    return model

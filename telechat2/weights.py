@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from telechat2.config import TeleChat2Config
+from telechat2.configuration import TeleChat2Config
 
 PieceOp = Literal["copy", "k_of_kv", "v_of_kv"]
 

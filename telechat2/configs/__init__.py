@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from telechat2.config import TeleChat2Config
+from telechat2.configuration import TeleChat2Config
 
 CONFIG_DIR = Path(__file__).resolve().parent
 PHASES: tuple[str, ...] = ("finetune", "predict", "predict_parallel")

@@ -351,7 +351,7 @@ def default_model_name(config: str) -> str:
 
 def model_seq_length(config: str) -> int:
     """The seq_length of the model `--config` names (its YAML's model_config, or the packaged config)."""
-    from telechat2.predict import architecture_from, read_run_config
+    from telechat2.loading import architecture_from, read_run_config
 
     return architecture_from(read_run_config(config)).seq_length
 
@@ -375,24 +375,25 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from telechat2.predict import read_run_config
+    from telechat2 import msrun
+    from telechat2.loading import read_run_config
     from telechat2.serve import distributed
     from telechat2.serve.engine import TeleChat2Engine
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if distributed.is_msrun_scheduler(os.environ):
-        return distributed.run_msrun_scheduler()
+    if msrun.is_msrun_scheduler(os.environ):
+        return msrun.run_msrun_scheduler()
     try:
         settings = settings_from_args(args)
     except (OSError, ValueError) as exc:
         log.error("%s", exc)
         return 2
 
-    group = distributed.ProcessGroup.from_env(os.environ)
+    group = msrun.ProcessGroup.from_env(os.environ)
     try:
         run_config = read_run_config(args.config)
-        layout = distributed.plan_layout(run_config, group)
-        warning = distributed.layout_warning(run_config, group)
+        layout = msrun.plan_layout(run_config, group)
+        warning = msrun.layout_warning(run_config, group)
     except (OSError, ValueError) as exc:
         log.error("--config: %s", exc)
         return 2
@@ -401,14 +402,14 @@ def run(args: argparse.Namespace) -> int:
 
     def load() -> Engine:
         tensor_parallel = None
-        if layout == distributed.TENSOR_PARALLEL or group.msrun_worker:
-            place = distributed.join_cluster(group)
-            tensor_parallel = place if layout == distributed.TENSOR_PARALLEL else None
+        if layout == msrun.TENSOR_PARALLEL or group.msrun_worker:
+            place = msrun.join_cluster(group)
+            tensor_parallel = place if layout == msrun.TENSOR_PARALLEL else None
         return TeleChat2Engine.load(
             args.config, args.load_checkpoint, args.vocab_file, settings.max_seq_len, tensor_parallel
         )
 
-    if layout == distributed.TENSOR_PARALLEL:
+    if layout == msrun.TENSOR_PARALLEL:
         log.info(
             "rank %d of %d: holding 1/%d of the model (tensor parallel)", group.rank, group.world_size, group.world_size
         )

@@ -18,7 +18,6 @@ from telechat2.tokenizer import EOS_ID
 
 log = logging.getLogger(__name__)
 
-PROMPT_IN_STEP_CPU = 64  # see TeleChat2Engine.open_batch
 _YAML_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
 
 
@@ -88,7 +87,7 @@ class Batch(Protocol):
 
 
 class TeleChat2Engine:
-    """TeleChat2 on MindSpore: `telechat2.predict.load_model` + `telechat2.generation.stream_generate`."""
+    """TeleChat2 on MindSpore: `telechat2.loading.load_model` + `telechat2.generation.stream_generate`."""
 
     def __init__(self, model: Any, tokenizer: Tokenizer, defaults: SamplingParams | None = None) -> None:
         self.model = model
@@ -109,7 +108,7 @@ class TeleChat2Engine:
         Generation defaults: TeleChat2's, overridden by the YAML's model_config keys (as `telechat2 predict`).
         `tensor_parallel` (a `telechat2.tensor_parallel.TensorParallel`, under msrun) loads this rank's share.
         """
-        from telechat2.predict import load_model, read_run_config
+        from telechat2.loading import load_model, read_run_config
         from telechat2.tokenizer import TeleChat2Tokenizer
 
         run_config = read_run_config(config)
@@ -135,16 +134,17 @@ class TeleChat2Engine:
     def open_batch(self, max_batch: int) -> ModelBatch:
         """A decode batch of up to `max_batch` sequences over this model (`telechat2.batched.BatchGenerator`).
 
-        On CPU, prompts up to PROMPT_IN_STEP_CPU tokens are read by the compiled batched step (a token per step,
-        alongside the running sequences) rather than by the operator-by-operator prefill, which costs more there
-        than dozens of compiled steps; on Ascend every prompt is prefilled in one pass.
+        On CPU every prompt is prefilled by one compiled pass padded to a length bucket
+        (`telechat2.batched.TeleChat2CompiledPrefill`): the operator-by-operator prefill costs dozens of steps
+        there, and reading the prompt a token per batched step held a new request back for as many steps as it
+        had prompt tokens. On Ascend the prompt runs through the model's own (flash attention) prefill.
         """
         import mindspore as ms
 
         from telechat2.batched import BatchGenerator
 
-        in_step = PROMPT_IN_STEP_CPU if ms.get_context("device_target") == "CPU" else 0
-        return ModelBatch(BatchGenerator(self.model, max_batch, prompt_in_step=in_step))
+        compiled = ms.get_context("device_target") == "CPU"
+        return ModelBatch(BatchGenerator(self.model, max_batch, compile_prefill=compiled))
 
 
 class ModelBatch:

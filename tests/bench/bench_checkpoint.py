@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from telechat2.checkpoint_io import CkptWriter  # noqa: E402
-from telechat2.config import TeleChat2Config  # noqa: E402
+from telechat2.configuration import TeleChat2Config  # noqa: E402
 from telechat2.weights import hf_config_dict, hf_shapes, ms_shapes  # noqa: E402
 
 MP = 4  # model-parallel ranks of the synthetic merge input

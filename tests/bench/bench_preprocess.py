@@ -6,7 +6,8 @@
 Three ways over the same generated jsonl dataset and the tiny tokenizer (trained in-process):
 - bare sentencepiece: `SentencePieceProcessor.encode` of each line's input + output text (the floor: no parsing,
   masking or packing), one call per line and one batched call;
-- ours: `telechat2.data` parse -> batched tokenize -> mask -> pack (and the full `preprocess()`, MindRecord included);
+- ours: `telechat2.preprocess` parse -> batched tokenize -> mask -> pack (and the full `preprocess()`, MindRecord
+  included);
 - reference: a straightforward per-sample port of the seed's telechat_preprocess.py algorithm (build a prompt
   string per line, tokenize it, pack strings, re-tokenize every pack; no shuffle), plus its row-by-row MindRecord
   write. Its packs are checked equal to ours (except our extra final pack, which it drops).
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from telechat2 import data
+from telechat2 import preprocess
 from telechat2.tokenizer import TeleChat2Tokenizer, tiny_corpus, train_tiny_tokenizer
 
 IGNORE = -100
@@ -148,9 +149,9 @@ def best_of(repeat: int, fn: Callable[[], object]) -> tuple[float, float, object
 
 
 def our_pipeline(tokenizer: TeleChat2Tokenizer, path: Path, max_length: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    report = data.PreprocessReport(row_length=max_length + 1)
-    samples = data.iter_samples(tokenizer, data.read_lines([path]), max_length, report, overlong="skip")
-    return list(data.pack_samples(samples, max_length))
+    report = preprocess.PreprocessReport(row_length=max_length + 1)
+    samples = preprocess.iter_samples(tokenizer, preprocess.read_lines([path]), max_length, report, overlong="skip")
+    return list(preprocess.pack_samples(samples, max_length))
 
 
 def reference_end_to_end(records, tokenizer, max_length: int, out: Path) -> int:
@@ -158,7 +159,7 @@ def reference_end_to_end(records, tokenizer, max_length: int, out: Path) -> int:
 
     rows = reference_preprocess(records, tokenizer, max_length)
     writer = FileWriter(str(out), 1, overwrite=True)
-    writer.add_schema(data.SCHEMA, "lm-schema")
+    writer.add_schema(preprocess.SCHEMA, "lm-schema")
     for row in rows:  # one write per row, as the seed does
         writer.write_raw_data(
             [{"input_ids": np.asarray(row["input_ids"], np.int32), "labels": np.asarray(row["labels"], np.int32)}]
@@ -214,7 +215,7 @@ def run_bench(args: argparse.Namespace, work: Path, spm) -> int:
 
     low, high, packs = best_of(args.repeat, lambda: our_pipeline(tokenizer, dataset, args.max_length))
     our_tokens = sum(int(np.count_nonzero(np.cumsum(ids != 3))) for ids, _ in packs)
-    results.append(("telechat2.data: parse + tokenize + mask + pack", low, high, our_tokens))
+    results.append(("telechat2.preprocess: parse + tokenize + mask + pack", low, high, our_tokens))
 
     low, high, rows = best_of(
         1 if args.repeat < 2 else 2, lambda: reference_preprocess(records, tokenizer, args.max_length)
@@ -228,7 +229,7 @@ def run_bench(args: argparse.Namespace, work: Path, spm) -> int:
 
     low, high, report = best_of(
         args.repeat,
-        lambda: data.preprocess(dataset, vocab, args.max_length, work / "ours.mindrecord", overlong="skip"),
+        lambda: preprocess.preprocess(dataset, vocab, args.max_length, work / "ours.mindrecord", overlong="skip"),
     )
     results.append(("telechat2 preprocess end to end (MindRecord written)", low, high, our_tokens))
     low, high, _ = best_of(
@@ -255,7 +256,7 @@ def run_bench(args: argparse.Namespace, work: Path, spm) -> int:
     ]
     for name, best, worst, tokens in results:
         lines.append(f"| {name} | {best:.2f} | {worst:.2f} | {args.lines / best:,.0f} | {tokens / best:,.0f} |")
-    ours = next(r for r in results if r[0].startswith("telechat2.data"))[1]
+    ours = next(r for r in results if r[0].startswith("telechat2.preprocess"))[1]
     reference = next(r for r in results if r[0].startswith("reference port:"))[1]
     lines += [
         "",

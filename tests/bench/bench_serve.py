@@ -104,7 +104,7 @@ def bench_model(args: argparse.Namespace, key: str, workdir: Path, vocab: Path, 
     from tiny_model import save_tiny_checkpoint
 
     from telechat2.generation import GenerationConfig, generate
-    from telechat2.predict import load_model
+    from telechat2.loading import load_model
     from telechat2.tokenizer import TeleChat2Tokenizer
 
     label, overrides = MODELS[key]

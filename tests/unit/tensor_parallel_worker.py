@@ -43,6 +43,7 @@ def cached_decode_logits(model, prompt: list[int], tokens: list[int]) -> np.ndar
 def main() -> int:
     import mindspore as ms
 
+    from telechat2 import loading
     from telechat2 import tensor_parallel as tp
     from telechat2.generation import GenerationConfig, generate
 
@@ -53,7 +54,7 @@ def main() -> int:
     np.save(out_dir / f"seed.rank{group.rank}.npy", tp.shared_seed())
     for case in cases:
         config = tiny_config(**case["overrides"])
-        model = tp.load_model(config, case["checkpoint"], group)
+        model = loading.load_tensor_parallel_model(config, case["checkpoint"], group)
         prompt = case["prompt"]
         full_logits, _ = model.forward(ms.Tensor(np.asarray([prompt], np.int32)))
         gen = GenerationConfig(max_new_tokens=case["max_new_tokens"], repetition_penalty=1.0, stop_token_ids=())

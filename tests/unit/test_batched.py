@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tiny_model import build_tiny_model
 
-from telechat2.batched import BatchGenerator, TableRotary, buckets
+from telechat2.batched import BatchGenerator, TableRotary, buckets, compiled_prefill, prefill_length
 from telechat2.generation import GenerationConfig, generate
 
 SEQ_LENGTH = 96
@@ -45,8 +45,31 @@ def test_buckets_are_powers_of_two_up_to_the_maximum() -> None:
         buckets(0)
 
 
-@pytest.mark.parametrize("prompt_in_step", [0, 32], ids=["prefilled", "prompts-in-step"])
-def test_each_sequence_gets_its_lone_output_while_others_join_and_leave(model, prompt_in_step: int) -> None:
+def test_prefill_lengths_are_powers_of_two_from_16_capped_at_seq_length() -> None:
+    assert [prefill_length(n, 96) for n in (1, 16, 17, 32, 33, 64, 65, 95)] == [16, 16, 32, 32, 64, 64, 96, 96]
+
+
+def test_compiled_prefill_matches_the_model_forward_and_pads_the_cache_to_seq_length(model) -> None:
+    """Padding after the prompt must not change the real positions: same last logits, same K/V at 0..T-1."""
+    ids = prompt(21, 9)  # padded to 32
+    logits, cache = model.forward(ms.Tensor(np.asarray([ids], np.int32)), last_only=True)
+    got, keys, values = compiled_prefill(model).run(ids)
+    assert got.shape == logits.shape
+    np.testing.assert_allclose(got.asnumpy(), logits.asnumpy(), rtol=1e-5, atol=1e-5)
+    for (key, value), new_key, new_value in zip(cache, keys, values, strict=True):
+        assert new_key.shape[2] == SEQ_LENGTH and new_value.shape[2] == SEQ_LENGTH
+        np.testing.assert_allclose(new_key.asnumpy()[:, :, : len(ids)], key.asnumpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(new_value.asnumpy()[:, :, : len(ids)], value.asnumpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("prompt_in_step", "compile_prefill"),
+    [(0, False), (32, False), (0, True)],
+    ids=["prefilled", "prompts-in-step", "compiled-prefill"],
+)
+def test_each_sequence_gets_its_lone_output_while_others_join_and_leave(
+    model, prompt_in_step: int, compile_prefill: bool
+) -> None:
     greedy = GenerationConfig(max_new_tokens=12, stop_token_ids=())  # default repetition penalty 1.03 included
     requests = {
         1: (prompt(5, 1), GenerationConfig(max_new_tokens=14, stop_token_ids=())),
@@ -59,7 +82,8 @@ def test_each_sequence_gets_its_lone_output_while_others_join_and_leave(model, p
     }
     expected = {seq_id: generate(model, ids, config) for seq_id, (ids, config) in requests.items()}
 
-    batch = BatchGenerator(model, max_batch=4, prompt_in_step=prompt_in_step)  # 32: prompts 3-30 in the step
+    batch = BatchGenerator(model, max_batch=4, prompt_in_step=prompt_in_step, compile_prefill=compile_prefill)
+    # 32: prompts 3-30 in the step; compiled: prompts padded to 16/32/64 (the 80-token one falls back past 64)
     outputs: dict[int, list[int]] = {}
     ended: dict[int, str] = {}
     joins = {0: [1, 2], 2: [3], 3: [4, 5], 8: [6, 7]}  # step index -> sequences joining before it

@@ -436,9 +436,15 @@ def test_an_interrupted_command_stops_its_whole_process_group(tmp_path: Path) ->
             time.sleep(0.05)
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
-    threading.Thread(target=interrupt_when_started, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        run(["sh", "-c", script], tmp_path / "x.log")
+    # A process started in the background by a non-interactive shell inherits SIGINT ignored: install Python's
+    # default handler for this test so the signal really raises KeyboardInterrupt, as it does at a terminal.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt_when_started, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            run(["sh", "-c", script], tmp_path / "x.log")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     child = int(pid_file.read_text())
     deadline = time.monotonic() + 30
     while Path(f"/proc/{child}").exists() and Path(f"/proc/{child}/stat").read_text().split()[2] != "Z":

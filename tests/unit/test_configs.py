@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from telechat2 import configs
-from telechat2.config import TeleChat2Config
+from telechat2.configuration import TeleChat2Config
 
 SEED_ENV = {
     "ENABLE_CELL_REUSE": "1",

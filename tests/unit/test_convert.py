@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 
 from telechat2 import cli
 from telechat2.checkpoint_io import CheckpointError, CkptReader, CkptWriter, encode_value_header, numpy_dtype
-from telechat2.config import TeleChat2Config
+from telechat2.configuration import TeleChat2Config
 from telechat2.convert import convert_hf_to_ms
 from telechat2.convert_reversed import convert_ms_to_hf, parse_size
 from telechat2.weights import hf_config_dict, hf_shapes, ms_shapes

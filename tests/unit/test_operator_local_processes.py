@@ -36,7 +36,7 @@ def free_port() -> int:
 
 
 def tiny_dataset(root: Path, tokenizer_file: Path) -> Path:
-    from telechat2.data import preprocess
+    from telechat2.preprocess import preprocess
 
     jsonl = root / "chat.jsonl"
     jsonl.write_text("".join(json.dumps({"input": f"<_user>{q}", "output": a}) + "\n" for q, a in QA * 8))
@@ -90,8 +90,8 @@ def poll_progress(url: str, processes: list[subprocess.Popen], timeout: float) -
 
 def check_progress(spec, output: Path, served: list[dict]) -> None:
     """The real records, through the real endpoint, into the operator's pure status: step, loss, ETA, checkpoint."""
+    from telechat2.finetune import read_loss_log
     from telechat2.progress import progress_document
-    from telechat2.train import read_loss_log
 
     assert served, "rank 0 never served a progress document while training"
     midway = progress_status(served[0])

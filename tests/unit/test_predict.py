@@ -14,7 +14,8 @@ from tiny_model import TINY_ARCHITECTURE, build_tiny_model, save_tiny_checkpoint
 from telechat2.chat import chat_input_ids
 from telechat2.cli import main
 from telechat2.generation import GenerationConfig, generate
-from telechat2.predict import chat_loop, load_model
+from telechat2.loading import load_model
+from telechat2.predict import chat_loop
 
 PROMPT = "<_start><_user>Hello 123<_bot>"
 

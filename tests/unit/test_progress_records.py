@@ -102,7 +102,7 @@ def test_launch_parses_the_progress_options() -> None:
 
 
 def test_tokens_scale_counts_every_data_parallel_shard_unless_ranks_read_the_full_batch() -> None:
-    from telechat2.train import tokens_scale
+    from telechat2.finetune import tokens_scale
 
     sharded = {"use_parallel": True, "parallel": {"full_batch": False}, "parallel_config": {"data_parallel": 4}}
     assert tokens_scale(sharded) == 4

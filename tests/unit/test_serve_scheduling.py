@@ -19,6 +19,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from telechat2 import msrun
 from telechat2.cli import build_parser
 from telechat2.serve import distributed
 from telechat2.serve.app import create_app, default_model_name, serve_in_background, settings_from_args
@@ -249,11 +250,11 @@ def test_cli_flags_become_settings(tmp_path) -> None:
 
 
 def test_followers_run_the_same_steps_as_rank_0(tiny_tokenizer: TeleChat2Tokenizer) -> None:
-    group = distributed.ProcessGroup.from_env({"RANK_ID": "1", "RANK_SIZE": "2", "MS_SCHED_HOST": "10.0.0.1"})
+    group = msrun.ProcessGroup.from_env({"RANK_ID": "1", "RANK_SIZE": "2", "MS_SCHED_HOST": "10.0.0.1"})
     assert (group.rank, group.world_size, group.leader_host) == (1, 2, "10.0.0.1")
-    assert distributed.ProcessGroup.from_env({}).world_size == 1
-    assert distributed.layout_warning({"parallel_config": {"model_parallel": 2}}, group) is None
-    assert "model_parallel=4" in distributed.layout_warning({"parallel_config": {"model_parallel": 4}}, group)
+    assert msrun.ProcessGroup.from_env({}).world_size == 1
+    assert msrun.layout_warning({"parallel_config": {"model_parallel": 2}}, group) is None
+    assert "model_parallel=4" in msrun.layout_warning({"parallel_config": {"model_parallel": 4}}, group)
 
     leader_inner, follower_engine = GatedEngine(tiny_tokenizer), GatedEngine(tiny_tokenizer)
     port = free_port()

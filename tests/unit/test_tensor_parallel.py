@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from tiny_model import save_tiny_checkpoint, tiny_config
 
+from telechat2 import loading, msrun
 from telechat2 import tensor_parallel as tp
 from telechat2.checkpoint_io import CkptReader, CkptWriter
 from telechat2.cli import main
-from telechat2.serve import distributed
 from telechat2.weights import ms_shapes
 
 CONFIGS = {
@@ -131,30 +131,30 @@ def test_models_that_do_not_split_are_refused_naming_the_field() -> None:
 
 
 def test_the_layout_follows_model_parallel_and_the_number_of_ranks() -> None:
-    two = distributed.ProcessGroup(rank=0, world_size=2, leader_host="127.0.0.1")
-    one = distributed.ProcessGroup(rank=0, world_size=1, leader_host="127.0.0.1")
+    two = msrun.ProcessGroup(rank=0, world_size=2, leader_host="127.0.0.1")
+    one = msrun.ProcessGroup(rank=0, world_size=1, leader_host="127.0.0.1")
 
     def config(model_parallel):
         return {"parallel_config": {"model_parallel": model_parallel}}
 
-    assert distributed.plan_layout(config(2), two) == distributed.TENSOR_PARALLEL
-    assert distributed.layout_warning(config(2), two) is None
-    assert distributed.plan_layout(config(1), two) == distributed.REPLICAS
-    assert "whole replica" in distributed.layout_warning(config(1), two)
-    assert distributed.plan_layout(config(8), one) == distributed.SINGLE
-    assert "one process runs" in distributed.layout_warning(config(8), one)
-    assert distributed.plan_layout({}, one) == distributed.SINGLE
+    assert msrun.plan_layout(config(2), two) == msrun.TENSOR_PARALLEL
+    assert msrun.layout_warning(config(2), two) is None
+    assert msrun.plan_layout(config(1), two) == msrun.REPLICAS
+    assert "whole replica" in msrun.layout_warning(config(1), two)
+    assert msrun.plan_layout(config(8), one) == msrun.SINGLE
+    assert "one process runs" in msrun.layout_warning(config(8), one)
+    assert msrun.plan_layout({}, one) == msrun.SINGLE
     with pytest.raises(ValueError, match=r"parallel_config.model_parallel is 4 but msrun started 2 ranks"):
-        distributed.plan_layout(config(4), two)
+        msrun.plan_layout(config(4), two)
     with pytest.raises(ValueError, match="parallel_config.model_parallel must be a positive integer"):
-        distributed.plan_layout(config("two"), two)
+        msrun.plan_layout(config("two"), two)
 
 
 def test_a_rank_loads_exactly_its_slices_of_the_full_checkpoint(tmp_path: Path) -> None:
     """Loading needs no communication group: rank 1 of 2 is built and filled in this process."""
     config, path = save_tiny_checkpoint(tmp_path / "full.ckpt", seed=2, num_experts=4, num_experts_per_tok=2)
     full = {name: CkptReader(path).read(name) for name in CkptReader(path).names()}
-    model = tp.load_model(config, str(path), tp.TensorParallel(rank=1, size=2))
+    model = loading.load_tensor_parallel_model(config, str(path), tp.TensorParallel(rank=1, size=2))
     for name, param in model.parameters_and_names():
         shard = tp.shard_of(name, full[name].shape, config, 2)
         np.testing.assert_array_equal(param.asnumpy(), tp.take_shard(full[name], shard, 1, 2), err_msg=name)
@@ -175,11 +175,11 @@ def test_a_checkpoint_that_does_not_match_is_refused_naming_the_tensors(tmp_path
             writer.write(name, array.shape, array.dtype, [array])
     place = tp.TensorParallel(rank=0, size=2)
     with pytest.raises(ValueError, match=r"missing: model.layers.0.attention.wo.bias.*wrong shape: model.layers.1"):
-        tp.load_model(config, str(broken), place)
+        loading.load_tensor_parallel_model(config, str(broken), place)
     with pytest.raises(ValueError, match="set model_config.qkv_concat to the checkpoint's layout"):
-        tp.load_model(tiny_config(qkv_concat=True), str(path), place)
+        loading.load_tensor_parallel_model(tiny_config(qkv_concat=True), str(path), place)
     with pytest.raises(ValueError, match="n_kv_heads 2 is not divisible by model_parallel 4"):
-        tp.load_model(config, str(path), tp.TensorParallel(rank=0, size=4))
+        loading.load_tensor_parallel_model(config, str(path), tp.TensorParallel(rank=0, size=4))
 
 
 def test_predict_use_parallel_outside_msrun_is_refused(capsys: pytest.CaptureFixture[str]) -> None:

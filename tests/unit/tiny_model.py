@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from telechat2.config import TeleChat2Config
+from telechat2.configuration import TeleChat2Config
 
 TINY_ARCHITECTURE: dict[str, Any] = {
     "vocab_size": 512,

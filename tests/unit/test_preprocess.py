@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from telechat2 import data
+from telechat2 import preprocess
 from telechat2 import tokenizer as tk
 from telechat2.cli import main
 
@@ -33,13 +33,13 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 
 def test_single_turn() -> None:
-    assert data.conversation_turns("<_user>q", "a") == [("q", "a")]
-    assert data.conversation_turns("q without marker", "a") == [("q without marker", "a")]
-    assert data.conversation_turns("<_user>q<_bot>", "a") == [("q", "a")]  # trailing <_bot> tolerated
+    assert preprocess.conversation_turns("<_user>q", "a") == [("q", "a")]
+    assert preprocess.conversation_turns("q without marker", "a") == [("q without marker", "a")]
+    assert preprocess.conversation_turns("<_user>q<_bot>", "a") == [("q", "a")]  # trailing <_bot> tolerated
 
 
 def test_multi_turn_history() -> None:
-    pairs = data.conversation_turns("<_user>q1<_bot>a1<_user>q2<_bot>a2<_end><_user>q3", "a3")
+    pairs = preprocess.conversation_turns("<_user>q1<_bot>a1<_user>q2<_bot>a2<_end><_user>q3", "a3")
     assert pairs == [("q1", "a1"), ("q2", "a2"), ("q3", "a3")]
 
 
@@ -53,7 +53,7 @@ def test_multi_turn_history() -> None:
 )
 def test_ambiguous_history_is_an_error(text: str, error: str) -> None:
     with pytest.raises(ValueError, match=error):
-        data.conversation_turns(text, "a")
+        preprocess.conversation_turns(text, "a")
 
 
 @pytest.mark.parametrize(
@@ -70,21 +70,21 @@ def test_ambiguous_history_is_an_error(text: str, error: str) -> None:
     ],
 )
 def test_bad_records_name_line_and_reason(line: str, reason: str) -> None:
-    with pytest.raises(data.BadLine, match=r"^line 7: .*" + reason.replace("(", r"\(")):
-        data.parse_record(line, "7")
+    with pytest.raises(preprocess.BadLine, match=r"^line 7: .*" + reason.replace("(", r"\(")):
+        preprocess.parse_record(line, "7")
 
 
 # -- layout ------------------------------------------------------------------------------------------------------
 
 
 def test_sample_layout_masks_user_turns() -> None:
-    input_ids, labels = data.sample_from_ids([([10, 11], [20]), ([12], [21, 22])])
+    input_ids, labels = preprocess.sample_from_ids([([10, 11], [20]), ([12], [21, 22])])
     assert input_ids == [1, 4, 10, 11, 5, 20, 2, 4, 12, 5, 21, 22, 2]
     assert labels == [-100, -100, -100, -100, -100, 20, 2, -100, -100, -100, 21, 22, 2]
 
 
 def test_tokenize_samples_uses_the_tokenizer(tiny_tokenizer: tk.TeleChat2Tokenizer) -> None:
-    (sample,) = data.tokenize_samples(tiny_tokenizer, [[("what is data?", "numbers 42")]])
+    (sample,) = preprocess.tokenize_samples(tiny_tokenizer, [[("what is data?", "numbers 42")]])
     q, a = tiny_tokenizer.encode("what is data?"), tiny_tokenizer.encode("numbers 42")
     assert sample == ([1, 4, *q, 5, *a, 2], [-100] * (len(q) + 3) + [*a, 2])
 
@@ -96,7 +96,9 @@ def sample(n: int, token: int = 50) -> tuple[list[int], list[int]]:
 
 def test_packing_boundaries_and_left_padding() -> None:
     max_length = 10  # rows of 11
-    packs = list(data.pack_samples([sample(4, 50), sample(6, 51), sample(1, 52), sample(10, 53), sample(3, 54)], 10))
+    packs = list(
+        preprocess.pack_samples([sample(4, 50), sample(6, 51), sample(1, 52), sample(10, 53), sample(3, 54)], 10)
+    )
     # 4 + 6 = 10 < 11 fits; + 1 would reach 11 -> new pack; 1 + 10 reaches 11 -> new pack; 10 + 3 too; last partial.
     contents = [ids[ids != tk.PAD_ID].tolist() for ids, _ in packs]
     assert contents == [sample(4, 50)[0] + sample(6, 51)[0], sample(1, 52)[0], sample(10, 53)[0], sample(3, 54)[0]]
@@ -109,17 +111,17 @@ def test_packing_boundaries_and_left_padding() -> None:
 
 
 def test_final_partial_pack_is_written() -> None:
-    packs = list(data.pack_samples([sample(3)], 100))
+    packs = list(preprocess.pack_samples([sample(3)], 100))
     assert len(packs) == 1 and packs[0][0][-3:].tolist() == sample(3)[0]
 
 
 def test_pack_rejects_an_over_long_sample() -> None:
     with pytest.raises(ValueError, match="longer than max_length 5"):
-        list(data.pack_samples([sample(6)], 5))
+        list(preprocess.pack_samples([sample(6)], 5))
 
 
 def test_left_pad() -> None:
-    ids, labels = data.left_pad([1, 4, 5], [-100, -100, 7], 5)
+    ids, labels = preprocess.left_pad([1, 4, 5], [-100, -100, 7], 5)
     assert ids.tolist() == [3, 3, 1, 4, 5] and labels.tolist() == [-100, -100, -100, -100, 7]
 
 
@@ -129,10 +131,11 @@ def test_matches_the_reference_algorithm(tiny_tokenizer, tmp_path) -> None:
     records = bench.generate_records(300, seed=3)
     path = write_jsonl(tmp_path / "train.jsonl", records)
     max_length = 2048
-    report = data.PreprocessReport(row_length=max_length + 1)
+    report = preprocess.PreprocessReport(row_length=max_length + 1)
     ours = list(
-        data.pack_samples(
-            data.iter_samples(tiny_tokenizer, data.read_lines([path]), max_length, report, overlong="skip"), max_length
+        preprocess.pack_samples(
+            preprocess.iter_samples(tiny_tokenizer, preprocess.read_lines([path]), max_length, report, overlong="skip"),
+            max_length,
         )
     )
     reference = bench.reference_preprocess(records, tiny_tokenizer, max_length)
@@ -160,14 +163,14 @@ def read_mindrecord(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def expected_packs(tokenizer, records, max_length):
-    conversations = [data.conversation_turns(r["input"], r["output"]) for r in records]
-    return list(data.pack_samples(data.tokenize_samples(tokenizer, conversations), max_length))
+    conversations = [preprocess.conversation_turns(r["input"], r["output"]) for r in records]
+    return list(preprocess.pack_samples(preprocess.tokenize_samples(tokenizer, conversations), max_length))
 
 
 def test_writes_mindrecord_read_back_by_minddataset(tiny_tokenizer_file, tiny_tokenizer, tmp_path) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", [*RECORDS, ""])  # a trailing blank line is not a record
     out = tmp_path / "out"
-    report = data.preprocess(path, tiny_tokenizer_file, 128, out)
+    report = preprocess.preprocess(path, tiny_tokenizer_file, 128, out)
     target = out / "dataset.mindrecord"
     assert report.output_file == target and target.exists() and Path(f"{target}.db").exists()
     assert sorted(p.name for p in out.iterdir()) == ["dataset.mindrecord", "dataset.mindrecord.db"]  # no temp left
@@ -185,17 +188,17 @@ def test_writes_mindrecord_read_back_by_minddataset(tiny_tokenizer_file, tiny_to
 def test_output_path_may_be_a_file(tiny_tokenizer_file, tmp_path) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", RECORDS)
     target = tmp_path / "deep" / "train.mindrecord"
-    data.preprocess(path, tiny_tokenizer_file, 128, target)
+    preprocess.preprocess(path, tiny_tokenizer_file, 128, target)
     assert target.exists() and len(read_mindrecord(target)) >= 1
-    data.preprocess(path, tiny_tokenizer_file, 256, target)  # a re-run replaces it
+    preprocess.preprocess(path, tiny_tokenizer_file, 256, target)  # a re-run replaces it
     assert read_mindrecord(target)[0][0].shape == (257,)
 
 
 def test_bad_line_fails_and_writes_nothing(tiny_tokenizer_file, tmp_path) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", [RECORDS[2], "{broken", RECORDS[2], {"input": "q", "output": ""}])
     out = tmp_path / "never" / "created"
-    with pytest.raises(data.PreprocessError) as raised:
-        data.preprocess(path, tiny_tokenizer_file, 128, out)
+    with pytest.raises(preprocess.PreprocessError) as raised:
+        preprocess.preprocess(path, tiny_tokenizer_file, 128, out)
     message = str(raised.value)
     assert "2 malformed line(s)" in message and "line 2: invalid JSON" in message
     assert "line 4: field 'output' is empty" in message
@@ -229,7 +232,7 @@ def test_overlong_error_lists_lines(tiny_tokenizer_file, tmp_path, capsys) -> No
 def test_overlong_skip_or_truncate(tiny_tokenizer_file, tiny_tokenizer, tmp_path, policy) -> None:
     long_record = {"input": "word " * 200, "output": "answer"}
     path = write_jsonl(tmp_path / "train.jsonl", [RECORDS[2], long_record])
-    report = data.preprocess(path, tiny_tokenizer_file, 64, tmp_path / "o.mindrecord", overlong=policy)
+    report = preprocess.preprocess(path, tiny_tokenizer_file, 64, tmp_path / "o.mindrecord", overlong=policy)
     assert report.overlong_lines == ["2"]
     rows = read_mindrecord(tmp_path / "o.mindrecord")
     short = expected_packs(tiny_tokenizer, [RECORDS[2]], 64)[0][0]
@@ -248,22 +251,22 @@ def test_directory_input_names_the_file(tiny_tokenizer_file, tmp_path) -> None:
     folder.mkdir()
     write_jsonl(folder / "a.jsonl", RECORDS)
     write_jsonl(folder / "b.jsonl", [RECORDS[0], "oops"])
-    with pytest.raises(data.PreprocessError, match=r"line b\.jsonl:2: invalid JSON"):
-        data.preprocess(folder, tiny_tokenizer_file, 128, tmp_path / "o")
+    with pytest.raises(preprocess.PreprocessError, match=r"line b\.jsonl:2: invalid JSON"):
+        preprocess.preprocess(folder, tiny_tokenizer_file, 128, tmp_path / "o")
 
 
 def test_missing_inputs_are_named(tiny_tokenizer_file, tmp_path) -> None:
-    with pytest.raises(data.PreprocessError, match="--input_dataset_file .*nope.jsonl: no such file"):
-        data.preprocess(tmp_path / "nope.jsonl", tiny_tokenizer_file, 128, tmp_path / "o")
+    with pytest.raises(preprocess.PreprocessError, match="--input_dataset_file .*nope.jsonl: no such file"):
+        preprocess.preprocess(tmp_path / "nope.jsonl", tiny_tokenizer_file, 128, tmp_path / "o")
     path = write_jsonl(tmp_path / "train.jsonl", RECORDS)
     with pytest.raises(FileNotFoundError, match="missing.model"):
-        data.preprocess(path, tmp_path / "missing.model", 128, tmp_path / "o")
+        preprocess.preprocess(path, tmp_path / "missing.model", 128, tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
 def test_progress_bar_goes_to_stderr(tmp_path, capsys) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", RECORDS)
-    lines = list(data.read_lines([path], progress=True))
+    lines = list(preprocess.read_lines([path], progress=True))
     assert len(lines) == 3
     assert "preprocess" in capsys.readouterr().err
 
@@ -273,7 +276,7 @@ def test_cli_accepts_seed_and_hyphenated_names() -> None:
 
     for style in ("_", "-"):
         parser = argparse.ArgumentParser()
-        data.configure_parser(parser)
+        preprocess.configure_parser(parser)
         args = parser.parse_args(
             [
                 f"--input{style}dataset{style}file",
@@ -297,8 +300,8 @@ def test_cli_accepts_seed_and_hyphenated_names() -> None:
 
 def test_many_bad_lines_stop_reading_early(tiny_tokenizer_file, tmp_path) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", [RECORDS[2]] + ["{bad"] * 250)
-    with pytest.raises(data.PreprocessError, match=r"^at least 201 malformed line\(s\): line 2: invalid JSON"):
-        data.preprocess(path, tiny_tokenizer_file, 128, tmp_path / "o")
+    with pytest.raises(preprocess.PreprocessError, match=r"^at least 201 malformed line\(s\): line 2: invalid JSON"):
+        preprocess.preprocess(path, tiny_tokenizer_file, 128, tmp_path / "o")
 
 
 # -- hostile input -------------------------------------------------------------------------------------------------
@@ -315,12 +318,12 @@ def test_many_bad_lines_stop_reading_early(tiny_tokenizer_file, tmp_path) -> Non
     ids=["surrogate-in-input", "surrogate-in-output", "nested-arrays", "nested-objects"],
 )
 def test_hostile_records_name_the_line(line: str, reason: str) -> None:
-    with pytest.raises(data.BadLine, match=r"^line 3: " + reason):
-        data.parse_record(line, "3")
+    with pytest.raises(preprocess.BadLine, match=r"^line 3: " + reason):
+        preprocess.parse_record(line, "3")
 
 
 def test_a_valid_surrogate_pair_is_text() -> None:
-    assert data.parse_record('{"input": "\\ud83d\\ude00", "output": "a"}', "1") == [("\U0001f600", "a")]
+    assert preprocess.parse_record('{"input": "\\ud83d\\ude00", "output": "a"}', "1") == [("\U0001f600", "a")]
 
 
 def test_hostile_lines_fail_the_run_naming_them(tiny_tokenizer_file, tmp_path, capsys) -> None:
@@ -339,8 +342,8 @@ def test_utf8_bom_opening_a_line_is_accepted(tiny_tokenizer_file, tiny_tokenizer
     body = "".join("\ufeff" + json.dumps(r, ensure_ascii=False) + "\n" for r in RECORDS)  # a BOM on every line
     (tmp_path / "bom.jsonl").write_text(body, encoding="utf-8")
     write_jsonl(tmp_path / "plain.jsonl", RECORDS)
-    data.preprocess(tmp_path / "bom.jsonl", tiny_tokenizer_file, 128, tmp_path / "bom.mindrecord")
-    data.preprocess(tmp_path / "plain.jsonl", tiny_tokenizer_file, 128, tmp_path / "plain.mindrecord")
+    preprocess.preprocess(tmp_path / "bom.jsonl", tiny_tokenizer_file, 128, tmp_path / "bom.mindrecord")
+    preprocess.preprocess(tmp_path / "plain.jsonl", tiny_tokenizer_file, 128, tmp_path / "plain.mindrecord")
     bom, plain = read_mindrecord(tmp_path / "bom.mindrecord"), read_mindrecord(tmp_path / "plain.mindrecord")
     assert len(bom) == len(plain) and all(np.array_equal(a[0], b[0]) for a, b in zip(bom, plain, strict=True))
 
@@ -362,36 +365,38 @@ def test_over_long_line_is_refused_before_parsing_naming_it(tiny_tokenizer_file,
     huge = json.dumps({"input": "word " * 2000, "output": "a"})  # ~10 kB
     path = write_jsonl(tmp_path / "train.jsonl", [RECORDS[2], huge, RECORDS[1]])
     parsed: list[str] = []
-    real_parse = data.parse_record
-    monkeypatch.setattr(data, "parse_record", lambda line, where: parsed.append(where) or real_parse(line, where))
-    with pytest.raises(data.PreprocessError) as raised:
-        data.preprocess(path, tiny_tokenizer_file, 128, tmp_path / "o", max_line_bytes=4096)
+    real_parse = preprocess.parse_record
+    monkeypatch.setattr(preprocess, "parse_record", lambda line, where: parsed.append(where) or real_parse(line, where))
+    with pytest.raises(preprocess.PreprocessError) as raised:
+        preprocess.preprocess(path, tiny_tokenizer_file, 128, tmp_path / "o", max_line_bytes=4096)
     assert f"line 2: line of {len(huge.encode())} bytes is longer than --max-line-bytes 4096" in str(raised.value)
     assert parsed == ["1", "3"]  # the long line was never handed to the JSON parser
-    report = data.preprocess(path, tiny_tokenizer_file, 128, tmp_path / "o", max_line_bytes=4096, skip_bad_lines=True)
+    report = preprocess.preprocess(
+        path, tiny_tokenizer_file, 128, tmp_path / "o", max_line_bytes=4096, skip_bad_lines=True
+    )
     assert report.samples == 2 and [b.where for b in report.bad_lines] == ["2"]
-    report = data.preprocess(path, tiny_tokenizer_file, 8192, tmp_path / "o2", max_line_bytes=len(huge.encode()))
+    report = preprocess.preprocess(path, tiny_tokenizer_file, 8192, tmp_path / "o2", max_line_bytes=len(huge.encode()))
     assert report.samples == 3 and not report.bad_lines  # exactly the limit is accepted
 
 
 def test_line_limit_reads_the_long_line_in_pieces(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(data, "_READ_CHUNK", 64)
+    monkeypatch.setattr(preprocess, "_READ_CHUNK", 64)
     path = tmp_path / "t.jsonl"
     path.write_bytes(b"x" * 1000 + b"\n" + b"short\n" + b"y" * 300)  # last line over-long and without a newline
-    lines = list(data.read_lines([path], max_line_bytes=100))
+    lines = list(preprocess.read_lines([path], max_line_bytes=100))
     assert [w for w, _ in lines] == ["1", "2", "3"]
-    assert isinstance(lines[0][1], data.BadLine) and "line of 1000 bytes" in str(lines[0][1])
+    assert isinstance(lines[0][1], preprocess.BadLine) and "line of 1000 bytes" in str(lines[0][1])
     assert lines[1][1] == "short\n"
-    assert isinstance(lines[2][1], data.BadLine) and "line of 300 bytes" in str(lines[2][1])
+    assert isinstance(lines[2][1], preprocess.BadLine) and "line of 300 bytes" in str(lines[2][1])
 
 
 def test_max_line_bytes_flag(tiny_tokenizer_file) -> None:
     import argparse
 
     parser = argparse.ArgumentParser()
-    data.configure_parser(parser)
+    preprocess.configure_parser(parser)
     base = ["--input_dataset_file", "x", "--vocab_file_path", "t", "--output_path", "o"]
-    assert parser.parse_args(base).max_line_bytes == data.DEFAULT_MAX_LINE_BYTES == 4 * 2**20
+    assert parser.parse_args(base).max_line_bytes == preprocess.DEFAULT_MAX_LINE_BYTES == 4 * 2**20
     assert parser.parse_args([*base, "--max-line-bytes", "64MiB"]).max_line_bytes == 64 * 2**20
     assert parser.parse_args([*base, "--max_line_bytes", "1000"]).max_line_bytes == 1000
     with pytest.raises(SystemExit):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from telechat2.checkpoint_io import CkptReader
-from telechat2.train import load_yaml_config, newest_checkpoint, prepare_resume, read_loss_log
+from telechat2.finetune import load_yaml_config, newest_checkpoint, prepare_resume, read_loss_log
 
 QA = [
     ("what is two plus two", "four"),
@@ -25,7 +25,7 @@ QA = [
 
 def write_dataset(root: Path, tokenizer_file: Path, lines: int) -> Path:
     """Chat jsonl -> MindRecord with `telechat2 preprocess` (max_length 64, two samples per packed row)."""
-    from telechat2.data import preprocess
+    from telechat2.preprocess import preprocess
 
     jsonl = root / "chat.jsonl"
     with jsonl.open("w") as f:
@@ -193,7 +193,7 @@ def test_cpu_overflow_check_flags_non_finite_gradients():
     from mindformers.wrapper.wrapper import MFTrainOneStepCell
     from mindspore import ops
 
-    from telechat2.train import apply_cpu_shims
+    from telechat2.finetune import apply_cpu_shims
 
     apply_cpu_shims()
     cell = SimpleNamespace(hyper_map=ops.HyperMap())
