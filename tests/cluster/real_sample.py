@@ -81,7 +81,7 @@ def prepare_data(root: Path, lines: int = LINES) -> Path:
     """tokenizer.model (tiny, trained here), chat.jsonl and train.mindrecord under root/data; root made writable
     for the pods. Idempotent: an existing dataset is kept."""
     from telechat2 import tokenizer as tk
-    from telechat2.data import preprocess
+    from telechat2.preprocess import preprocess
 
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)

@@ -118,7 +118,7 @@ def kill_container(cluster: ClusterHandle, pod: dict[str, Any]) -> None:
 
 def steps_logged(output: Path, rank: int = 0) -> tuple[list[int], int]:
     """Rank's global steps from MindFormers' loss lines (both attempts append to one log), and the run's total."""
-    from telechat2.train import MF_LOSS_LINE
+    from telechat2.finetune import MF_LOSS_LINE
 
     log = output / "log" / f"rank_{rank}" / "info.log"
     found = MF_LOSS_LINE.findall(log.read_text(errors="replace")) if log.is_file() else []
