@@ -177,7 +177,7 @@ def validate(raw: bytes, model: type[ModelT], openai: bool) -> ModelT:
         raise ApiError(400 if openai else 422, f"{field}: {message}", field) from None
 
 
-UNKNOWN_PARAMETER_HINT = "see GET /info or docs/notes/serve.md for the parameters this server supports"
+UNKNOWN_PARAMETER_HINT = "see GET /info or docs/serving-api.md for the parameters this server supports"
 
 
 async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
