@@ -11,7 +11,7 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
-from telechat_operator.settings import OperatorConfig, configure_kopf
+from telechat_operator.common.settings import OperatorConfig, configure_kopf
 
 
 def build_parser() -> argparse.ArgumentParser:

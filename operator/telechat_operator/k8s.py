@@ -24,9 +24,10 @@ from urllib.parse import quote, urlencode
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from telechat_operator import constants as c
-from telechat_operator import inference_constants as ic
-from telechat_operator import metrics
+from telechat_operator.common import constants as c
+from telechat_operator.common import metrics
+from telechat_operator.common.objects import selector_string
+from telechat_operator.inference import constants as ic
 
 _client_lock = threading.Lock()
 _client: kubernetes.client.ApiClient | None = None
@@ -187,7 +188,7 @@ def list_pods(
     after a write to another resource first waits for etcd to confirm the cache is current (a progress notification,
     40-90 ms measured here), which was most of a new job's time to its first pod. A cache read the apiserver cannot
     serve (a cache behind the version asked for, e.g. another apiserver replica's) falls back to a consistent one."""
-    selector = ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+    selector = selector_string(labels)
     path = _collection("v1", namespace, "pods")
     if from_cache:
         version = {"resourceVersion": not_older_than, "resourceVersionMatch": "NotOlderThan"}

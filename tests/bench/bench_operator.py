@@ -40,11 +40,11 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.watch.watch import iter_resp_lines
-from telechat_operator import constants as c
-from telechat_operator.builders.configmap import build_config_map
-from telechat_operator.builders.pods import build_rank_pod
-from telechat_operator.builders.service import build_service
-from telechat_operator.spec import parse
+from telechat_operator.common import constants as c
+from telechat_operator.finetune.configmap import build_config_map
+from telechat_operator.finetune.pods import build_rank_pod
+from telechat_operator.finetune.service import build_service
+from telechat_operator.finetune.spec import parse
 
 from tests.cluster.controlplane import ClusterHandle
 from tests.e2e.finetune_harness import OperatorProcess, finetune, install

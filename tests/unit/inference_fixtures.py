@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from telechat_operator.inference_spec import InferenceSpec, ResolvedCheckpoint, parse_inference
+from telechat_operator.inference.spec import InferenceSpec, ResolvedCheckpoint, parse_inference
 
 # What the CRD's defaults fill in on a minimal manifest.
 CRD_DEFAULTS: dict[str, Any] = {

@@ -6,9 +6,9 @@ import copy
 from datetime import UTC, datetime
 from typing import Any
 
-from telechat_operator import constants as c
-from telechat_operator.spec import FinetuneSpec, ModelDefaults, parse
-from telechat_operator.status import PodView
+from telechat_operator.common import constants as c
+from telechat_operator.finetune.spec import FinetuneSpec, ModelDefaults, parse
+from telechat_operator.finetune.status import PodView
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 

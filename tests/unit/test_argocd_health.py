@@ -315,7 +315,8 @@ def finetune_run(status: dict[str, Any], pods: list[Any], seconds: float = 0, **
     from datetime import timedelta
 
     from operator_factories import NOW, make_spec
-    from telechat_operator.status import Backoff, reconcile
+    from telechat_operator.common.conditions import Backoff
+    from telechat_operator.finetune.status import reconcile
 
     return reconcile(make_spec(**spec), status, pods, NOW + timedelta(seconds=seconds), Backoff(1, 4)).status
 
@@ -351,7 +352,7 @@ def test_health_of_finetune_statuses_the_operator_computes() -> None:
 def test_health_of_inference_statuses_the_operator_computes() -> None:
     from datetime import UTC, datetime
 
-    from telechat_operator.inference_status import Gate, WorkloadView, compute_status
+    from telechat_operator.inference.status import Gate, WorkloadView, compute_status
 
     def status_for(workload: WorkloadView | None = None, gate: Gate | None = None) -> dict[str, Any]:
         now = datetime(2026, 1, 1, tzinfo=UTC)

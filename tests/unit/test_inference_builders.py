@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 import yaml
-from telechat_operator import constants as c
-from telechat_operator import inference_constants as ic
-from telechat_operator.builders.inference import (
+from telechat_operator.common import constants as c
+from telechat_operator.common.objects import selector_string, stable_hash
+from telechat_operator.inference import constants as ic
+from telechat_operator.inference.builders import (
     build_config_map,
     build_deployment,
     build_service,
@@ -19,12 +20,10 @@ from telechat_operator.builders.inference import (
     mindie_config,
     predict_phase,
     render_predict_config,
-    selector_string,
     serving_selector,
-    stable_hash,
 )
-from telechat_operator.builders.inference_groups import build_group_pod
-from telechat_operator.inference_spec import ResolvedCheckpoint, parse_inference
+from telechat_operator.inference.groups import build_group_pod
+from telechat_operator.inference.spec import ResolvedCheckpoint, parse_inference
 
 from tests.unit.inference_fixtures import inference_body, inference_spec, path_checkpoint
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from telechat_operator import constants as c
-from telechat_operator import inference_constants as ic
+from telechat_operator.common import constants as c
+from telechat_operator.inference import constants as ic
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / ic.INFERENCE_CRD_FILE
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from telechat_operator import constants as c
-from telechat_operator import inference_constants as ic
-from telechat_operator.builders.inference_groups import (
+from telechat_operator.common import constants as c
+from telechat_operator.inference import constants as ic
+from telechat_operator.inference.groups import (
     GroupPod,
     build_group_pod,
     build_group_service,
@@ -15,7 +15,7 @@ from telechat_operator.builders.inference_groups import (
     leader_address,
     plan_groups,
 )
-from telechat_operator.inference_spec import InferenceSpec
+from telechat_operator.inference.spec import InferenceSpec
 
 from tests.unit.inference_fixtures import inference_spec, path_checkpoint
 

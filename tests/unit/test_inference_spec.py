@@ -5,15 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from telechat_operator.inference_spec import (
+from telechat_operator.common.spec import SpecError, default_vocab_file
+from telechat_operator.inference.spec import (
     ServingDefaults,
-    default_vocab_file,
     load_serving_defaults,
     merge_env,
     parse_inference,
     resolve_path_checkpoint,
 )
-from telechat_operator.spec import SpecError
 
 from tests.unit.inference_fixtures import inference_body, inference_spec
 

@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from telechat_operator import inference_constants as ic
-from telechat_operator.inference_spec import ResolvedCheckpoint
-from telechat_operator.inference_status import (
+from telechat_operator.inference import constants as ic
+from telechat_operator.inference.spec import ResolvedCheckpoint
+from telechat_operator.inference.status import (
     Gate,
     WorkloadView,
     compute_status,

@@ -140,7 +140,7 @@ def test_a_broken_marker_means_not_complete(tmp_path, garbage: str) -> None:
 def test_the_init_pods_exact_commands_run_then_skip(tiny_tokenizer_file, tmp_path, capsys) -> None:
     """The command lines the operator builds, run here as the pod would run them (CPU, tiny data)."""
     from operator_factories import make_spec
-    from telechat_operator.builders.initializer import build_init_pod
+    from telechat_operator.finetune.initializer import build_init_pod
 
     jsonl = write_lines(tmp_path / "train.jsonl", [json.dumps(r) for r in RECORDS])
     make_hf_checkpoint(tmp_path / "hf", tiny_config())

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import yaml
 from operator_factories import make_spec
-from telechat_operator import constants as c
-from telechat_operator.builders import names
-from telechat_operator.builders.configmap import build_config_map, render_finetune_config
-from telechat_operator.builders.podgroup import build_pod_group
-from telechat_operator.builders.pods import build_merge_pod, build_rank_pod, merge_command, rank_command
-from telechat_operator.builders.service import build_service
+from telechat_operator.common import constants as c
+from telechat_operator.finetune import names
+from telechat_operator.finetune.configmap import build_config_map, render_finetune_config
+from telechat_operator.finetune.podgroup import build_pod_group
+from telechat_operator.finetune.pods import build_merge_pod, build_rank_pod, merge_command, rank_command
+from telechat_operator.finetune.service import build_service
 
 MASTER = "ft-rank-0.ft-ranks.ns.svc"
 
@@ -165,7 +165,7 @@ def test_merge_copies_the_tokenizer_from_beside_the_base_checkpoint() -> None:
 
 
 def test_init_pod_runs_preprocess_and_convert_side_by_side_with_skip_and_termination_messages() -> None:
-    from telechat_operator.builders.initializer import build_init_pod
+    from telechat_operator.finetune.initializer import build_init_pod
 
     spec = make_spec(
         dataset={"path": "/d/train.mindrecord", "jsonl": "/d/train.jsonl", "tokenizer": "/d/tokenizer.model"},

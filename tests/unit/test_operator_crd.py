@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from telechat_operator import constants as c
+from telechat_operator.common import constants as c
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "telechat.io_telechatfinetunes.yaml"
 
@@ -110,7 +110,7 @@ def test_status_has_no_kopf_field(schema: dict[str, Any]) -> None:
 
 
 def test_sample_job_is_a_valid_finetune() -> None:
-    from telechat_operator.spec import parse
+    from telechat_operator.finetune.spec import parse
 
     sample = Path(__file__).resolve().parents[2] / "operator" / "deploy" / "samples" / "telechatfinetune-tiny.yaml"
     body = yaml.safe_load(sample.read_text())

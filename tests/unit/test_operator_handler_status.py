@@ -10,27 +10,29 @@ from collections.abc import Hashable
 from typing import Any
 
 import pytest
-from telechat_operator import constants as c
+from telechat_operator import k8s
+from telechat_operator.common import constants as c
 
 
 @pytest.fixture
 def finetune() -> Any:
-    from telechat_operator.handlers import finetune
+    from telechat_operator.finetune import handlers as finetune
 
-    tables = (finetune.own_status_writes, finetune.unstarted_jobs, finetune.pod_versions, finetune.pod_facts)
-    for table in (*tables, finetune.posted_pods):
+    state = finetune.controller
+    tables = (state.own_status_writes, state.unstarted_jobs, state.pod_versions, state.pod_facts)
+    for table in (*tables, state.posted_pods):
         table.clear()
     yield finetune
-    finetune.event_pool.submit(lambda: None).result()
-    finetune.progress_poller.forget(("ns", "ft"))
-    for table in (*tables, finetune.posted_pods):
+    finetune.controller.event_pool.submit(lambda: None).result()
+    finetune.controller.progress_poller.forget(("ns", "ft"))
+    for table in (*tables, state.posted_pods):
         table.clear()
 
 
 def job_and_pods(state: str = c.STATE_RUNNING) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from operator_factories import job_body
-    from telechat_operator.builders.pods import build_rank_pod
-    from telechat_operator.spec import parse
+    from telechat_operator.finetune.pods import build_rank_pod
+    from telechat_operator.finetune.spec import parse
 
     job = job_body(nodes=2, devicesPerNode=1)
     spec = parse(job)
@@ -44,21 +46,21 @@ def job_and_pods(state: str = c.STATE_RUNNING) -> tuple[dict[str, Any], list[dic
 
 def fake_api(monkeypatch: pytest.MonkeyPatch, finetune: Any, job: dict[str, Any], pods: list[dict[str, Any]]) -> dict:
     calls: dict[str, list[Any]] = {"patches": [], "deleted": [], "stopped": []}
-    monkeypatch.setattr(finetune.k8s, "list_pods", lambda *args, **kwargs: pods)
-    monkeypatch.setattr(finetune.k8s, "get_finetune", lambda namespace, name: job)
+    monkeypatch.setattr(k8s, "list_pods", lambda *args, **kwargs: pods)
+    monkeypatch.setattr(k8s, "get_finetune", lambda namespace, name: job)
     monkeypatch.setattr(
-        finetune.k8s, "patch_finetune_status", lambda namespace, name, patch, **_: calls["patches"].append(patch)
+        k8s, "patch_finetune_status", lambda namespace, name, patch, **_: calls["patches"].append(patch)
     )
-    monkeypatch.setattr(finetune.k8s, "delete_pod", lambda namespace, name: calls["deleted"].append(name))
-    monkeypatch.setattr(finetune.k8s, "stop_pod", lambda namespace, name: calls["stopped"].append(name))
-    monkeypatch.setattr(finetune.k8s, "post_event", lambda *args: None)
+    monkeypatch.setattr(k8s, "delete_pod", lambda namespace, name: calls["deleted"].append(name))
+    monkeypatch.setattr(k8s, "stop_pod", lambda namespace, name: calls["stopped"].append(name))
+    monkeypatch.setattr(k8s, "post_event", lambda *args: None)
     return calls
 
 
 def test_a_pending_pod_turning_unschedulable_triggers_a_pass(monkeypatch: pytest.MonkeyPatch, finetune: Any) -> None:
     _, pods = job_and_pods()
     triggered: list[tuple[Hashable, float | None]] = []
-    monkeypatch.setattr(finetune.queue, "trigger", lambda key, delay=None: triggered.append((key, delay)))
+    monkeypatch.setattr(finetune.controller.queue, "trigger", lambda key, delay=None: triggered.append((key, delay)))
     pod = pods[0]
     labels = pod["metadata"]["labels"]
 
@@ -71,14 +73,14 @@ def test_a_pending_pod_turning_unschedulable_triggers_a_pass(monkeypatch: pytest
     event({"phase": "Pending", "conditions": [scheduled]})
     event({"phase": "Pending", "conditions": [scheduled]})  # unchanged: no pass
     key = ("ns", "ft")
-    settle = finetune.config
+    settle = finetune.controller.config
     assert triggered == [(key, settle.pod_progress_settle_seconds), (key, settle.pod_event_settle_seconds)]
 
 
 def test_a_pass_uses_the_newest_progress_without_waiting_for_the_pod(
     monkeypatch: pytest.MonkeyPatch, finetune: Any
 ) -> None:
-    from telechat_operator.progress_poll import ProgressPoller
+    from telechat_operator.finetune.progress_poll import ProgressPoller
 
     job, pods = job_and_pods()
     calls = fake_api(monkeypatch, finetune, job, pods)
@@ -93,10 +95,10 @@ def test_a_pass_uses_the_newest_progress_without_waiting_for_the_pod(
         return document
 
     poller = ProgressPoller(30, 2, on_change=changed.append, fetch=fetch, tick=3600)
-    monkeypatch.setattr(finetune, "progress_poller", poller)
+    monkeypatch.setattr(finetune.controller, "progress_poller", poller)
     try:
         started = time.monotonic()
-        finetune.reconcile_finetune(("ns", "ft"))  # the fetch hangs: the pass goes on without progress
+        finetune.controller.reconcile(("ns", "ft"))  # the fetch hangs: the pass goes on without progress
         assert time.monotonic() - started < 5
         assert not any("progress" in patch for patch in calls["patches"])
         release.set()
@@ -105,7 +107,7 @@ def test_a_pass_uses_the_newest_progress_without_waiting_for_the_pod(
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert urls == ["http://10.0.0.1:8119/progress"] and changed == [("ns", "ft")]
-        finetune.reconcile_finetune(("ns", "ft"))  # the pass the change triggers
+        finetune.controller.reconcile(("ns", "ft"))  # the pass the change triggers
         (patch,) = [p for p in calls["patches"] if "progress" in p]
         assert patch["progress"]["step"] == 7 and patch["progress"]["eta"] == "3s"
     finally:
@@ -119,6 +121,6 @@ def test_the_survivors_of_a_failed_job_are_stopped_not_deleted(monkeypatch: pyte
         "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}],
     }
     calls = fake_api(monkeypatch, finetune, job, pods)
-    finetune.reconcile_finetune(("ns", "ft"))
+    finetune.controller.reconcile(("ns", "ft"))
     assert calls["stopped"] == [pods[0]["metadata"]["name"]] and calls["deleted"] == []
     assert any(patch.get("state") == c.STATE_FAILED for patch in calls["patches"])

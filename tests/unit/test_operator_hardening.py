@@ -11,24 +11,23 @@ from typing import Any
 
 import pytest
 from operator_factories import job_body, make_spec
-from telechat_operator import constants as c
-from telechat_operator import inference_constants as ic
 from telechat_operator import k8s
-from telechat_operator.builders.inference import build_deployment
-from telechat_operator.builders.inference_groups import (
+from telechat_operator.common import constants as c
+from telechat_operator.common.conditions import Backoff
+from telechat_operator.common.refusals import RefusalTracker, clear_refused, mark_refused, refusal_message
+from telechat_operator.common.settings import OperatorConfig
+from telechat_operator.common.spec import SpecError, check_host_paths, check_volume_mounts, cpu_resources
+from telechat_operator.finetune.pods import build_merge_pod, build_rank_pod
+from telechat_operator.inference import constants as ic
+from telechat_operator.inference.builders import build_deployment
+from telechat_operator.inference.groups import (
     GroupPlan,
     GroupPod,
     plan_groups,
     read_group_backoff,
     update_group_backoff,
 )
-from telechat_operator.builders.pods import build_merge_pod, build_rank_pod
-from telechat_operator.inference_status import compute_status, deployment_view, refused_status
-from telechat_operator.refusals import RefusalTracker, clear_refused, mark_refused, refusal_message
-from telechat_operator.settings import OperatorConfig
-from telechat_operator.spec import SpecError
-from telechat_operator.spec_common import check_host_paths, check_volume_mounts, cpu_resources
-from telechat_operator.status import Backoff
+from telechat_operator.inference.status import compute_status, deployment_view, refused_status
 
 from tests.unit.inference_fixtures import inference_spec, path_checkpoint
 
@@ -147,15 +146,15 @@ def test_allowed_host_paths_come_from_the_environment() -> None:
 
 
 def test_the_finetune_handler_reports_a_disallowed_host_path_as_invalid_spec(monkeypatch: pytest.MonkeyPatch) -> None:
-    from telechat_operator.handlers import finetune
+    from telechat_operator.finetune import handlers as finetune
 
     body = job_body(volumes=[{"name": "host", "hostPath": {"path": "/var/lib"}}])
-    _, plan = finetune.decide(body, {}, [])
+    _, plan = finetune.controller.decide(body, {}, [])
     assert plan.status["state"] == c.STATE_FAILED
     failed = next(cond for cond in plan.status["conditions"] if cond["type"] == c.COND_FAILED)
     assert failed["reason"] == c.REASON_INVALID_SPEC and "spec.volumes[0].hostPath.path" in failed["message"]
-    monkeypatch.setattr(finetune, "config", OperatorConfig(allowed_host_paths=("/var/lib",)))
-    assert finetune.decide(body, {}, [])[0] is not None
+    monkeypatch.setattr(finetune.controller, "config", OperatorConfig(allowed_host_paths=("/var/lib",)))
+    assert finetune.controller.decide(body, {}, [])[0] is not None
 
 
 # --- pod security ----------------------------------------------------------------------------------------------
@@ -272,7 +271,7 @@ def test_an_inference_refusal_keeps_what_serves_and_says_why() -> None:
 
 
 def _serving(ready: int) -> Any:
-    from telechat_operator.inference_status import WorkloadView
+    from telechat_operator.inference.status import WorkloadView
 
     return WorkloadView(desired=1, replicas=1, ready=ready, updated=1)
 
@@ -307,13 +306,13 @@ class FakeInferenceApi:
         self.refusal = refusal
         self.status_patches: list[dict[str, Any]] = []
 
-    def install(self, monkeypatch: pytest.MonkeyPatch, handler: Any) -> None:
-        monkeypatch.setattr(handler.k8s, "get_inference", lambda namespace, name: self.body)
-        monkeypatch.setattr(handler.k8s, "get_child", lambda kind, namespace, name: None)
-        monkeypatch.setattr(handler.k8s, "list_children", lambda kind, namespace, selector: [])
-        monkeypatch.setattr(handler.k8s, "apply", self.apply)
-        monkeypatch.setattr(handler.k8s, "patch_inference_status", self.patch_status)
-        monkeypatch.setattr(handler.k8s, "post_event", lambda *args: None)
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(k8s, "get_inference", lambda namespace, name: self.body)
+        monkeypatch.setattr(k8s, "get_child", lambda kind, namespace, name: None)
+        monkeypatch.setattr(k8s, "list_children", lambda kind, namespace, selector: [])
+        monkeypatch.setattr(k8s, "apply", self.apply)
+        monkeypatch.setattr(k8s, "patch_inference_status", self.patch_status)
+        monkeypatch.setattr(k8s, "post_event", lambda *args: None)
 
     def apply(self, body: dict[str, Any]) -> dict[str, Any]:
         if body["kind"] == "Deployment" and self.refusal is not None:
@@ -330,34 +329,34 @@ class FakeInferenceApi:
 def test_an_inference_pass_refused_by_the_apiserver_writes_a_condition_and_backs_off(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from telechat_operator.handlers import inference
+    from telechat_operator.inference import handlers as inference
 
     from tests.unit.inference_fixtures import inference_body
 
     body = inference_body(priorityClassName="missing")
     refusal = k8s.ApiError(500, "etcdserver: request timed out", target="apply Deployment serving/tc7b")
     api = FakeInferenceApi(body, refusal)
-    api.install(monkeypatch, inference)
-    monkeypatch.setattr(inference, "config", OperatorConfig(backoff_base_seconds=1, backoff_max_seconds=4))
-    inference.refusals.succeeded(("serving", "tc7b"))
-    delays = [inference.reconcile_inference(("serving", "tc7b")) for _ in range(4)]
+    api.install(monkeypatch)
+    monkeypatch.setattr(inference.controller, "config", OperatorConfig(backoff_base_seconds=1, backoff_max_seconds=4))
+    inference.controller.refusals.succeeded(("serving", "tc7b"))
+    delays = [inference.controller.reconcile(("serving", "tc7b")) for _ in range(4)]
     assert delays == [1, 2, 4, 4]  # exponential, capped; not the work queue's error retry
     ready = next(cond for cond in body["status"]["conditions"] if cond["type"] == "Ready")
     assert ready["reason"] == "RequestRefused"
     assert "apply Deployment serving/tc7b refused (HTTP 500)" in ready["message"]
     assert "refused 4 time(s) in a row" in ready["message"]
     # Its own status write's echo starts no pass (a pass would cut the backoff short) ...
-    assert inference.is_own_echo(("serving", "tc7b"), body)
+    assert inference.controller.is_own_echo(("serving", "tc7b"), body)
     # ... and once the apiserver accepts the request, the condition goes and the backoff starts over.
     api.refusal = None
-    assert inference.reconcile_inference(("serving", "tc7b")) == inference.config.resync_seconds
-    assert inference.refusals.count(("serving", "tc7b")) == 0
+    assert inference.controller.reconcile(("serving", "tc7b")) == inference.controller.config.resync_seconds
+    assert inference.controller.refusals.count(("serving", "tc7b")) == 0
     ready = next(cond for cond in body["status"]["conditions"] if cond["type"] == "Ready")
     assert ready["reason"] != "RequestRefused"
 
 
 def test_an_unknown_field_refused_under_strict_validation_is_an_invalid_spec(monkeypatch: pytest.MonkeyPatch) -> None:
-    from telechat_operator.handlers import inference
+    from telechat_operator.inference import handlers as inference
 
     from tests.unit.inference_fixtures import inference_body
 
@@ -368,8 +367,8 @@ def test_an_unknown_field_refused_under_strict_validation_is_an_invalid_spec(mon
         " .spec.template.spec.affinity.nodeAfinity: field not declared in schema",
         target="apply Deployment serving/tc7b",
     )
-    FakeInferenceApi(body, refusal).install(monkeypatch, inference)
-    inference.reconcile_inference(("serving", "tc7b"))
+    FakeInferenceApi(body, refusal).install(monkeypatch)
+    inference.controller.reconcile(("serving", "tc7b"))
     ready = next(cond for cond in body["status"]["conditions"] if cond["type"] == "Ready")
     assert ready["reason"] == ic.REASON_INVALID_SPEC and "affinity.nodeAfinity" in ready["message"]
 
@@ -377,7 +376,7 @@ def test_an_unknown_field_refused_under_strict_validation_is_an_invalid_spec(mon
 def test_a_finetune_create_refused_by_admission_is_a_condition_with_backoff(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from telechat_operator.handlers import finetune
+    from telechat_operator.finetune import handlers as finetune
 
     job = job_body(priorityClassName="missing")
     patches: list[dict[str, Any]] = []
@@ -393,28 +392,28 @@ def test_a_finetune_create_refused_by_admission_is_a_condition_with_backoff(
         job["status"] = {**(job.get("status") or {}), **patch}
         return "2"
 
-    monkeypatch.setattr(finetune.k8s, "get_finetune", lambda namespace, name: job)
-    monkeypatch.setattr(finetune.k8s, "list_pods", lambda *args, **kwargs: [])
-    monkeypatch.setattr(finetune.k8s, "create", create)
-    monkeypatch.setattr(finetune.k8s, "create_or_patch", lambda body, patch: None)
-    monkeypatch.setattr(finetune.k8s, "patch_finetune_status", patch_status)
-    monkeypatch.setattr(finetune.k8s, "post_event", lambda *args: None)
-    monkeypatch.setattr(finetune, "config", OperatorConfig(backoff_base_seconds=1, backoff_max_seconds=4))
-    finetune.refusals.succeeded(("ns", "ft"))
-    delays = [finetune.reconcile_finetune(("ns", "ft")) for _ in range(3)]
-    finetune.event_pool.submit(lambda: None).result()
+    monkeypatch.setattr(k8s, "get_finetune", lambda namespace, name: job)
+    monkeypatch.setattr(k8s, "list_pods", lambda *args, **kwargs: [])
+    monkeypatch.setattr(k8s, "create", create)
+    monkeypatch.setattr(k8s, "create_or_patch", lambda body, patch: None)
+    monkeypatch.setattr(k8s, "patch_finetune_status", patch_status)
+    monkeypatch.setattr(k8s, "post_event", lambda *args: None)
+    monkeypatch.setattr(finetune.controller, "config", OperatorConfig(backoff_base_seconds=1, backoff_max_seconds=4))
+    finetune.controller.refusals.succeeded(("ns", "ft"))
+    delays = [finetune.controller.reconcile(("ns", "ft")) for _ in range(3)]
+    finetune.controller.event_pool.submit(lambda: None).result()
     assert delays == [1, 2, 4]
     refused = next(cond for cond in job["status"]["conditions"] if cond["type"] == "RequestRefused")
     assert refused["status"] == "True" and "create Pod ns/ft-a1-rank-" in refused["message"]
     assert "no PriorityClass with name missing" in refused["message"]
     assert job["status"]["state"] == c.STATE_PENDING and "launchedAttempt" not in job["status"]
     # The PriorityClass appears: the ranks are created, the condition drops, the backoff starts over.
-    monkeypatch.setattr(finetune.k8s, "create", lambda body: True)
-    finetune.reconcile_finetune(("ns", "ft"))
+    monkeypatch.setattr(k8s, "create", lambda body: True)
+    finetune.controller.reconcile(("ns", "ft"))
     refused = next(cond for cond in job["status"]["conditions"] if cond["type"] == "RequestRefused")
     assert refused["status"] == "False" and job["status"]["launchedAttempt"] == 1
-    assert finetune.refusals.count(("ns", "ft")) == 0
-    finetune.own_status_writes.clear()
+    assert finetune.controller.refusals.count(("ns", "ft")) == 0
+    finetune.controller.own_status_writes.clear()
 
 
 # --- multi-node group recreation backoff -----------------------------------------------------------------------------
@@ -467,7 +466,7 @@ def test_repeated_group_failures_double_the_wait_and_ready_resets_it() -> None:
 
 
 def test_a_crash_looping_group_is_reported_as_such() -> None:
-    from telechat_operator.inference_status import WorkloadView
+    from telechat_operator.inference.status import WorkloadView
 
     looping = WorkloadView(1, 0, 0, 0, recreating=True, crash_looping=True, message="group 0 failed 3 time(s)")
     status = compute_status(

@@ -18,13 +18,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from telechat_operator import constants as c
-from telechat_operator.builders.configmap import build_config_map
-from telechat_operator.builders.pods import build_merge_pod, build_rank_pod, merged_checkpoint_path
-from telechat_operator.progress import progress_status
-from telechat_operator.progress_poll import fetch_json
-from telechat_operator.spec import parse
-from telechat_operator.status import Backoff, PodView, reconcile
+from telechat_operator.common import constants as c
+from telechat_operator.common.conditions import Backoff
+from telechat_operator.finetune.configmap import build_config_map
+from telechat_operator.finetune.pods import build_merge_pod, build_rank_pod, merged_checkpoint_path
+from telechat_operator.finetune.progress import progress_status
+from telechat_operator.finetune.progress_poll import fetch_json
+from telechat_operator.finetune.spec import parse
+from telechat_operator.finetune.status import PodView, reconcile
 
 QA = [("what is two plus two", "four"), ("name a colour", "blue"), ("say hello", "hello there"), ("count", "one two")]
 

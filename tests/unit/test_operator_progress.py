@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 import pytest
-from telechat_operator import constants as c
-from telechat_operator.progress import format_duration, newest_complete_checkpoint, progress_status
-from telechat_operator.progress_poll import ProgressPoller, progress_url
+from telechat_operator.common import constants as c
+from telechat_operator.finetune.progress import format_duration, newest_complete_checkpoint, progress_status
+from telechat_operator.finetune.progress_poll import ProgressPoller, progress_url
 
 
 def record(rank: int, step: int, **extra: Any) -> dict[str, Any]:

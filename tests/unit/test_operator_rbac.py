@@ -21,10 +21,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 import yaml
 from operator_factories import job_body
-from telechat_operator import constants as c
-from telechat_operator import inference_constants as ic
 from telechat_operator import k8s
-from telechat_operator.settings import OperatorConfig
+from telechat_operator.common import constants as c
+from telechat_operator.common.settings import OperatorConfig
+from telechat_operator.inference import constants as ic
 
 from tests.unit.inference_fixtures import inference_body
 
@@ -139,7 +139,8 @@ class FakeApiserver:
 
 @pytest.fixture
 def apiserver(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeApiserver]:
-    from telechat_operator.handlers import finetune, inference
+    from telechat_operator.finetune import handlers as finetune
+    from telechat_operator.inference import handlers as inference
 
     server = FakeApiserver()
     client = type(
@@ -153,13 +154,14 @@ def apiserver(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeApiserver]:
     )()
     monkeypatch.setattr(k8s, "api_client", lambda: client)
     fast = OperatorConfig(backoff_base_seconds=0.0, status_counts_seconds=0.0, allowed_host_paths=("/mnt",))
-    monkeypatch.setattr(finetune, "config", fast)
-    monkeypatch.setattr(inference, "config", fast)
-    for table in (finetune.own_status_writes, finetune.unstarted_jobs, finetune.pod_versions, finetune.posted_pods):
+    monkeypatch.setattr(finetune.controller, "config", fast)
+    monkeypatch.setattr(inference.controller, "config", fast)
+    state = finetune.controller
+    for table in (state.own_status_writes, state.unstarted_jobs, state.pod_versions, state.posted_pods):
         table.clear()
     yield server
-    finetune.event_pool.submit(lambda: None).result()
-    for table in (finetune.own_status_writes, finetune.unstarted_jobs, finetune.pod_versions, finetune.posted_pods):
+    finetune.controller.event_pool.submit(lambda: None).result()
+    for table in (state.own_status_writes, state.unstarted_jobs, state.pod_versions, state.posted_pods):
         table.clear()
 
 
@@ -174,7 +176,7 @@ def set_phase(server: FakeApiserver, pods: list[dict[str, Any]], phase: str, exi
 
 def drive_finetune(server: FakeApiserver) -> None:
     """A Volcano-scheduled 2-node job: start, a rank killed (restart), both succeed, merge, done."""
-    from telechat_operator.handlers import finetune
+    from telechat_operator.finetune import handlers as finetune
 
     body = job_body(schedulerName="volcano", volumes=[{"name": "out", "hostPath": {"path": "/mnt/out"}}])
     server.put(c.API_VERSION, c.FINETUNE_PLURAL, body)
@@ -183,36 +185,36 @@ def drive_finetune(server: FakeApiserver) -> None:
     def pods(role: str = c.ROLE_WORKER) -> list[dict[str, Any]]:
         return [p for p in server.all("", "pods") if p["metadata"]["labels"].get(c.LABEL_ROLE) == role]
 
-    finetune.reconcile_finetune(key)  # PodGroup, pods, ConfigMap, Service, status, Events
+    finetune.controller.reconcile(key)  # PodGroup, pods, ConfigMap, Service, status, Events
     assert server.all("scheduling.volcano.sh", "podgroups") and len(pods()) == 2
     set_phase(server, pods(), "Running")
-    finetune.reconcile_finetune(key)
+    finetune.controller.reconcile(key)
     set_phase(server, pods()[:1], "Failed", exit_code=137)
-    finetune.reconcile_finetune(key)  # restart: the old group is deleted
-    finetune.reconcile_finetune(key)  # attempt 2: pods again, the ConfigMap exists (409, then patched)
+    finetune.controller.reconcile(key)  # restart: the old group is deleted
+    finetune.controller.reconcile(key)  # attempt 2: pods again, the ConfigMap exists (409, then patched)
     assert {p["metadata"]["labels"][c.LABEL_ATTEMPT] for p in pods()} == {"2"}
     set_phase(server, pods(), "Succeeded", exit_code=0)
-    finetune.reconcile_finetune(key)  # merge pod
+    finetune.controller.reconcile(key)  # merge pod
     set_phase(server, pods(c.ROLE_MERGE), "Succeeded", exit_code=0)
-    finetune.reconcile_finetune(key)
-    finetune.event_pool.submit(lambda: None).result()
+    finetune.controller.reconcile(key)
+    finetune.controller.event_pool.submit(lambda: None).result()
     assert server.get(c.GROUP, "ns", c.FINETUNE_PLURAL, "ft")["status"]["state"] == c.STATE_SUCCEEDED
 
     # A job that fails for good while a rank still runs: that rank is stopped in place (patched), keeping its log.
     server.put(c.API_VERSION, c.FINETUNE_PLURAL, job_body(name="doomed"))
-    finetune.reconcile_finetune(("ns", "doomed"))
+    finetune.controller.reconcile(("ns", "doomed"))
     doomed = [p for p in server.all("", "pods") if p["metadata"]["labels"][c.LABEL_JOB_NAME] == "doomed"]
     set_phase(server, doomed, "Running")
-    finetune.reconcile_finetune(("ns", "doomed"))
+    finetune.controller.reconcile(("ns", "doomed"))
     set_phase(server, doomed[:1], "Failed", exit_code=1)
-    finetune.reconcile_finetune(("ns", "doomed"))
-    finetune.event_pool.submit(lambda: None).result()
+    finetune.controller.reconcile(("ns", "doomed"))
+    finetune.controller.event_pool.submit(lambda: None).result()
     assert server.get(c.GROUP, "ns", c.FINETUNE_PLURAL, "doomed")["status"]["state"] == c.STATE_FAILED
 
 
 def drive_inference(server: FakeApiserver) -> None:
     """Single-node (past a same-named leftover ConfigMap), then multi-node groups, then scaled to zero."""
-    from telechat_operator.handlers import inference
+    from telechat_operator.inference import handlers as inference
 
     body = inference_body(name="tc", namespace="ns")
     server.put(c.API_VERSION, ic.INFERENCE_PLURAL, body)
@@ -232,22 +234,22 @@ def drive_inference(server: FakeApiserver) -> None:
     def group_pods() -> list[dict[str, Any]]:
         return [p for p in server.all("", "pods") if p["metadata"]["labels"][c.LABEL_OWNER_KIND] == ic.INFERENCE_KIND]
 
-    inference.reconcile_inference(key)  # the leftover is deleted (Stale)
-    inference.reconcile_inference(key)  # ConfigMap, Service, Deployment applied; status; Events
+    inference.controller.reconcile(key)  # the leftover is deleted (Stale)
+    inference.controller.reconcile(key)  # ConfigMap, Service, Deployment applied; status; Events
     assert server.all("apps", "deployments")
     stored = server.get(c.GROUP, "ns", ic.INFERENCE_PLURAL, "tc")
     stored["spec"].update(nodesPerReplica=2, devicesPerReplica=8, replicas=2)
     stored["metadata"]["generation"] = 4
-    inference.reconcile_inference(key)  # the Deployment goes, group Services and pods come
+    inference.controller.reconcile(key)  # the Deployment goes, group Services and pods come
     assert not server.all("apps", "deployments") and len(group_pods()) == 4
     stored["spec"]["replicas"] = 0
     stored["metadata"]["generation"] = 5
-    inference.reconcile_inference(key)  # groups and their Services removed
+    inference.controller.reconcile(key)  # groups and their Services removed
     assert not group_pods()
     # A fromFinetune inference reads its finetune.
     serving = inference_body(name="ft-serving", namespace="ns", checkpoint={"fromFinetune": "ft"})
     server.put(c.API_VERSION, ic.INFERENCE_PLURAL, serving)
-    inference.reconcile_inference(("ns", "ft-serving"))
+    inference.controller.reconcile(("ns", "ft-serving"))
 
 
 def kopf_watches() -> set[Grant]:

@@ -12,11 +12,12 @@ from typing import Any
 import kopf
 import pytest
 from kopf._cogs.structs.references import Resource
-from telechat_operator import constants as c
+from telechat_operator import k8s
 from telechat_operator.__main__ import build_parser
-from telechat_operator.handlers.finetune import owned_by, status_patch
-from telechat_operator.settings import OperatorConfig, configure_kopf
-from telechat_operator.workqueue import WorkQueue
+from telechat_operator.common import constants as c
+from telechat_operator.common.objects import json_copy, owned_by, status_patch
+from telechat_operator.common.settings import OperatorConfig, configure_kopf
+from telechat_operator.common.workqueue import WorkQueue
 
 
 def test_config_reads_prefixed_environment_variables() -> None:
@@ -155,46 +156,46 @@ def test_work_queue_requeues_and_retries_errors() -> None:
 
 
 def test_pod_count_only_status_updates_are_batched() -> None:
-    from telechat_operator.handlers import finetune
-    from telechat_operator.status import Plan
+    from telechat_operator.finetune import handlers as finetune
+    from telechat_operator.finetune.status import Plan
 
     old = {"state": "Pending", "pods": {"pending": 2, "running": 0}}
-    finetune.last_status_write[("ns", "job")] = time.monotonic()
+    finetune.controller.last_status_write[("ns", "job")] = time.monotonic()
     counts_only = Plan(status={"state": "Pending", "pods": {"pending": 1, "running": 1}})
-    finetune.defer_count_only_update(("ns", "job"), old, counts_only)
+    finetune.controller.defer_count_only_update(("ns", "job"), old, counts_only)
     assert counts_only.status["pods"] == old["pods"] and counts_only.requeue_after is not None
     transition = Plan(status={"state": "Running", "pods": {"pending": 0, "running": 2}})
-    finetune.defer_count_only_update(("ns", "job"), old, transition)
+    finetune.controller.defer_count_only_update(("ns", "job"), old, transition)
     assert transition.status["pods"] == {"pending": 0, "running": 2} and transition.requeue_after is None
-    finetune.last_status_write.clear()
+    finetune.controller.last_status_write.clear()
     first = Plan(status={"state": "Pending", "pods": {"pending": 1, "running": 1}})
-    finetune.defer_count_only_update(("ns", "job"), old, first)
+    finetune.controller.defer_count_only_update(("ns", "job"), old, first)
     assert first.status["pods"] == {"pending": 1, "running": 1}
 
 
 def test_only_the_exact_echo_of_our_status_write_is_skipped() -> None:
     """The echo often arrives before the PATCH returns; anything else about the job must still trigger a pass."""
-    from telechat_operator.handlers import finetune
+    from telechat_operator.finetune import handlers as finetune
 
     key = ("ns", "echo")
     status = {"state": "Pending", "attempt": 1, "pods": {"pending": 2}}
-    finetune.own_status_writes[key] = (3, finetune.json_copy(status))
+    finetune.controller.own_status_writes[key] = (3, json_copy(status))
     try:
         body = {"metadata": {"generation": 3, "resourceVersion": "9"}, "status": status}
-        assert finetune.is_own_echo(key, body)
-        assert not finetune.is_own_echo(key, {**body, "metadata": {"generation": 4}})  # spec changed
-        assert not finetune.is_own_echo(key, {**body, "status": {**status, "state": "Running"}})
+        assert finetune.controller.is_own_echo(key, body)
+        assert not finetune.controller.is_own_echo(key, {**body, "metadata": {"generation": 4}})  # spec changed
+        assert not finetune.controller.is_own_echo(key, {**body, "status": {**status, "state": "Running"}})
         deleting = {"metadata": {"generation": 3, "deletionTimestamp": "2026-01-01T00:00:00Z"}, "status": status}
-        assert not finetune.is_own_echo(key, deleting)
-        assert not finetune.is_own_echo(("ns", "other"), body)
+        assert not finetune.controller.is_own_echo(key, deleting)
+        assert not finetune.controller.is_own_echo(("ns", "other"), body)
     finally:
-        finetune.own_status_writes.pop(key, None)
+        finetune.controller.own_status_writes.pop(key, None)
 
 
 def test_no_change_detecting_handlers_so_kopf_may_skip_its_diff_base() -> None:
     """settings.NoDiffBaseStorage is only correct while every registered handler is level-triggered."""
+    from telechat_operator.common.settings import NoDiffBaseStorage
     from telechat_operator.handlers import register_all
-    from telechat_operator.settings import NoDiffBaseStorage
 
     register_all()
     registry = kopf.get_default_registry()
@@ -225,7 +226,7 @@ def test_no_change_detecting_handlers_so_kopf_may_skip_its_diff_base() -> None:
     ],
 )
 def test_refusals_that_mean_the_job_is_going_away(status: int, message: str, going: bool) -> None:
-    from telechat_operator.handlers.finetune import job_going
+    from telechat_operator.finetune.controller import job_going
     from telechat_operator.k8s import ApiError
 
     assert job_going(ApiError(status, message), "ns", "job") is going
@@ -234,14 +235,15 @@ def test_refusals_that_mean_the_job_is_going_away(status: int, message: str, goi
 @pytest.fixture
 def handler_state() -> Any:
     """The finetune handler's per-job memory (echo detection, pod versions, posted pods), empty before and after."""
-    from telechat_operator.handlers import finetune
+    from telechat_operator.finetune import handlers as finetune
 
-    tables = (finetune.own_status_writes, finetune.unstarted_jobs, finetune.pod_versions, finetune.pod_facts)
-    sets = (finetune.posted_pods,)
+    state = finetune.controller
+    tables = (state.own_status_writes, state.unstarted_jobs, state.pod_versions, state.pod_facts)
+    sets = (state.posted_pods,)
     for table in (*tables, *sets):
         table.clear()
     yield finetune
-    finetune.event_pool.submit(lambda: None).result()  # events queued by a pass go out before the fakes are undone
+    state.event_pool.submit(lambda: None).result()  # events queued by a pass go out before the fakes are undone
     for table in (*tables, *sets):
         table.clear()
 
@@ -249,8 +251,8 @@ def handler_state() -> Any:
 def _running_job_and_pods() -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A launched, running 2-node job and its two rank pods, as the API returns them."""
     from operator_factories import job_body
-    from telechat_operator.builders.pods import build_rank_pod
-    from telechat_operator.spec import parse
+    from telechat_operator.finetune.pods import build_rank_pod
+    from telechat_operator.finetune.spec import parse
 
     job = job_body(nodes=2, devicesPerNode=1)
     spec = parse(job)
@@ -265,7 +267,7 @@ def test_a_rank_missing_from_the_cached_list_is_confirmed_by_a_consistent_read(
 ) -> None:
     """Passes read pods from the apiserver's cache; a restart (or any decision a missing pod sets off) waits for a
     consistent read to agree that the pod is gone."""
-    from telechat_operator.handlers import finetune
+    from telechat_operator.finetune import handlers as finetune
 
     job, pods = _running_job_and_pods()
     reads: list[bool] = []
@@ -276,15 +278,13 @@ def test_a_rank_missing_from_the_cached_list_is_confirmed_by_a_consistent_read(
 
     patches: list[dict[str, Any]] = []
     deleted: list[str] = []
-    monkeypatch.setattr(finetune.k8s, "list_pods", list_pods)
-    monkeypatch.setattr(finetune.k8s, "get_finetune", lambda namespace, name: job)
-    monkeypatch.setattr(
-        finetune.k8s, "patch_finetune_status", lambda namespace, name, patch, **_: patches.append(patch)
-    )
-    monkeypatch.setattr(finetune.k8s, "delete_pod", lambda namespace, name: deleted.append(name))
-    monkeypatch.setattr(finetune.k8s, "post_event", lambda *args: None)
-    finetune.reconcile_finetune(("ns", "ft"))
-    finetune.event_pool.submit(lambda: None).result()  # the pass's events are out
+    monkeypatch.setattr(k8s, "list_pods", list_pods)
+    monkeypatch.setattr(k8s, "get_finetune", lambda namespace, name: job)
+    monkeypatch.setattr(k8s, "patch_finetune_status", lambda namespace, name, patch, **_: patches.append(patch))
+    monkeypatch.setattr(k8s, "delete_pod", lambda namespace, name: deleted.append(name))
+    monkeypatch.setattr(k8s, "post_event", lambda *args: None)
+    finetune.controller.reconcile(("ns", "ft"))
+    finetune.controller.event_pool.submit(lambda: None).result()  # the pass's events are out
     assert reads == [True, False]
     restarted = any(patch.get("restarts") == 1 for patch in patches)
     assert restarted == really_gone
@@ -298,7 +298,7 @@ def test_the_added_event_of_a_pod_this_operator_just_posted_starts_no_pass(
     finetune = handler_state
     _, pods = _running_job_and_pods()
     triggered: list[tuple[Hashable, float | None]] = []
-    monkeypatch.setattr(finetune.queue, "trigger", lambda key, delay=None: triggered.append((key, delay)))
+    monkeypatch.setattr(finetune.controller.queue, "trigger", lambda key, delay=None: triggered.append((key, delay)))
 
     def event(kind: str, pod: dict[str, Any], uid: str, phase: str) -> None:
         body = pod | {"status": {"phase": phase}}
@@ -306,17 +306,17 @@ def test_the_added_event_of_a_pod_this_operator_just_posted_starts_no_pass(
         asyncio.run(finetune.pod_changed(type=kind, body=body, labels=labels, namespace="ns", uid=uid))
 
     ours, theirs = pods
-    finetune.posted_pods.add(("ns", ours["metadata"]["name"]))
+    finetune.controller.posted_pods.add(("ns", ours["metadata"]["name"]))
     event("ADDED", ours, "u0", "Pending")
     assert triggered == []
     event("ADDED", theirs, "u1", "Pending")  # a pod another process created (e.g. before a restart)
     event("MODIFIED", ours, "u0", "Running")
     event("MODIFIED", theirs, "u1", "Failed")
-    key, config = ("ns", "ft"), finetune.config
+    key, config = ("ns", "ft"), finetune.controller.config
     progress, prompt = config.pod_progress_settle_seconds, config.pod_event_settle_seconds
     assert triggered == [(key, progress), (key, progress), (key, prompt)]
     assert prompt < progress
-    assert finetune.pod_versions.get(key) is None  # the bodies carry no resourceVersion
+    assert finetune.controller.pod_versions.get(key) is None  # the bodies carry no resourceVersion
 
 
 def test_a_new_job_starts_from_its_watch_event_and_its_first_status_write_is_conditional(
@@ -325,7 +325,7 @@ def test_a_new_job_starts_from_its_watch_event_and_its_first_status_write_is_con
     """No read before the first pods of a job never reconciled; if the job moved on meanwhile (409 on the
     conditional status write), the next pass reads it afresh."""
     from operator_factories import job_body
-    from telechat_operator.handlers import finetune
+    from telechat_operator.finetune import handlers as finetune
 
     job = job_body(nodes=2, devicesPerNode=1)
     job["metadata"]["resourceVersion"] = "41"
@@ -335,7 +335,7 @@ def test_a_new_job_starts_from_its_watch_event_and_its_first_status_write_is_con
     def patch_status(namespace: str, name: str, patch: Any, expected_version: str | None = None) -> str:
         calls.append(f"patch@{expected_version}")
         if conflict.pop("once", False):
-            raise finetune.k8s.ApiError(409, "the object has been modified")
+            raise k8s.ApiError(409, "the object has been modified")
         return "43"
 
     def get_finetune(namespace: str, name: str) -> dict[str, Any]:
@@ -346,19 +346,19 @@ def test_a_new_job_starts_from_its_watch_event_and_its_first_status_write_is_con
         calls.append("list")
         return []
 
-    monkeypatch.setattr(finetune.k8s, "get_finetune", get_finetune)
-    monkeypatch.setattr(finetune.k8s, "list_pods", list_pods)
-    monkeypatch.setattr(finetune.k8s, "create", lambda body: calls.append(f"create {body['kind']}") or True)
-    monkeypatch.setattr(finetune.k8s, "create_or_patch", lambda body, patch: calls.append("create ConfigMap"))
-    monkeypatch.setattr(finetune.k8s, "patch_finetune_status", patch_status)
-    monkeypatch.setattr(finetune.k8s, "post_event", lambda *args: None)
-    monkeypatch.setattr(finetune.queue, "trigger", lambda key, delay=None: None)
+    monkeypatch.setattr(k8s, "get_finetune", get_finetune)
+    monkeypatch.setattr(k8s, "list_pods", list_pods)
+    monkeypatch.setattr(k8s, "create", lambda body: calls.append(f"create {body['kind']}") or True)
+    monkeypatch.setattr(k8s, "create_or_patch", lambda body, patch: calls.append("create ConfigMap"))
+    monkeypatch.setattr(k8s, "patch_finetune_status", patch_status)
+    monkeypatch.setattr(k8s, "post_event", lambda *args: None)
+    monkeypatch.setattr(finetune.controller.queue, "trigger", lambda key, delay=None: None)
     key = ("ns", "ft")
     asyncio.run(finetune.finetune_changed(type="ADDED", body=job, name="ft", namespace="ns"))
-    assert finetune.reconcile_finetune(key) == 0.0  # conflict: go again at once
+    assert finetune.controller.reconcile(key) == 0.0  # conflict: go again at once
     assert "get" not in calls and "list" not in calls
     assert sorted(calls[:4]) == ["create ConfigMap", "create Pod", "create Pod", "create Service"]
     assert calls[4] == "patch@41"
     calls.clear()
-    finetune.reconcile_finetune(key)  # this time from a read of the job (and its pods)
+    finetune.controller.reconcile(key)  # this time from a read of the job (and its pods)
     assert "get" in calls and "list" in calls and calls[-1] == "patch@42"

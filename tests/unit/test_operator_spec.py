@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 from operator_factories import fake_lookup, job_body, make_spec
-from telechat_operator import constants as c
-from telechat_operator.spec import SpecError, load_model_defaults, merge_env, parse
+from telechat_operator.common import constants as c
+from telechat_operator.finetune.spec import SpecError, load_model_defaults, merge_env, parse
 
 
 def test_defaults_come_from_the_model_when_the_spec_omits_them() -> None:
@@ -183,7 +183,7 @@ def test_a_model_that_fits_no_layout_of_the_nodes_is_invalid_naming_the_memory()
 
 def test_moe_expert_parallel_follows_data_parallel_so_the_config_renders() -> None:
     """39B-A12B's default expert_parallel 2 cannot split dataParallel 3: it is lowered (before, rendering failed)."""
-    from telechat_operator.builders.configmap import render_finetune_config
+    from telechat_operator.finetune.configmap import render_finetune_config
 
     layout = {"dataParallel": 3, "modelParallel": 8, "pipelineStage": 1, "microBatchNum": 1}
     spec = parse(job_body(model="telechat2-39b-a12b", nodes=3, devicesPerNode=8, parallel=layout))

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 from operator_factories import make_spec
-from telechat_operator.spec_changes import POD_SPEC_FIELDS, changed_fields, spec_field_hashes
+from telechat_operator.finetune.spec_changes import POD_SPEC_FIELDS, changed_fields, spec_field_hashes
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "crds" / "telechat.io_telechatfinetunes.yaml"
@@ -37,7 +37,7 @@ def test_every_spec_field_is_immutable_deferred_or_job_level() -> None:
     top_immutable = {path.split(".")[1] for path in immutable if path.count(".") == 1}
     for field in schema["properties"]:
         kinds = [field in top_immutable, field in POD_SPEC_FIELDS, field in JOB_LEVEL_FIELDS, field == "output"]
-        assert sum(kinds) == 1, f"spec.{field}: classify it in telechat_operator.spec_changes.POD_SPEC_FIELDS"
+        assert sum(kinds) == 1, f"spec.{field}: classify it in telechat_operator.finetune.spec_changes.POD_SPEC_FIELDS"
 
 
 def test_the_docs_note_lists_every_immutable_field() -> None:

@@ -7,18 +7,16 @@ from typing import Any
 
 import pytest
 from operator_factories import NOW, init_pod, make_spec, merge_pod, worker
-from telechat_operator import constants as c
-from telechat_operator.spec import SpecError
-from telechat_operator.status import (
-    Backoff,
+from telechat_operator.common import constants as c
+from telechat_operator.common.conditions import Backoff, condition_is, to_timestamp
+from telechat_operator.common.spec import SpecError
+from telechat_operator.finetune.status import (
     Plan,
     PodView,
     classify_failure,
-    condition_is,
     invalid_spec_plan,
     reconcile,
     rests_on_absence,
-    to_timestamp,
 )
 
 BACKOFF = Backoff(base_seconds=10, max_seconds=60)
@@ -371,7 +369,7 @@ def pending_body(**status: Any) -> dict[str, Any]:
 
 
 def test_pod_blocker_reads_the_scheduler_condition_and_container_waiting_reasons() -> None:
-    from telechat_operator.status import pod_blocker
+    from telechat_operator.finetune.status import pod_blocker
 
     scheduled = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/4 nodes fit"}
     assert pod_blocker(pending_body(conditions=[scheduled])) == ("Unschedulable", "0/4 nodes fit")

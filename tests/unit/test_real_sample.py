@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from telechat_operator import constants as c
-from telechat_operator.builders.pods import build_rank_pod
-from telechat_operator.inference_spec import parse_inference
-from telechat_operator.spec import parse
+from telechat_operator.common import constants as c
+from telechat_operator.finetune.pods import build_rank_pod
+from telechat_operator.finetune.spec import parse
+from telechat_operator.inference.spec import parse_inference
 
 from tests.cluster import real_sample
 
@@ -59,8 +59,8 @@ def test_sample_inference_serves_the_finetune_with_the_datasets_tokenizer() -> N
 
 
 def test_the_operator_values_allow_exactly_the_shared_dir_and_the_chart_passes_them_on(tmp_path: Path) -> None:
-    from telechat_operator.settings import OperatorConfig
-    from telechat_operator.spec_common import SpecError, check_host_paths
+    from telechat_operator.common.settings import OperatorConfig
+    from telechat_operator.common.spec import SpecError, check_host_paths
 
     from tests.cluster import images
 

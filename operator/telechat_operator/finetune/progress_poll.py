@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from telechat_operator import constants as c
+from telechat_operator.common import constants as c
 
 logger = logging.getLogger(__name__)
 MAX_DOCUMENT_BYTES = 1 << 20

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 
-from telechat_operator import metrics
+from telechat_operator.common import metrics
 
 logger = logging.getLogger(__name__)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from telechat_operator import constants as c
-from telechat_operator.builders import names
-from telechat_operator.builders.common import metadata
-from telechat_operator.spec import FinetuneSpec
+from telechat_operator.common import constants as c
+from telechat_operator.finetune import names
+from telechat_operator.finetune.names import metadata
+from telechat_operator.finetune.spec import FinetuneSpec
 
 
 def build_pod_group(spec: FinetuneSpec) -> dict[str, Any]:

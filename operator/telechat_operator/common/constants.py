@@ -138,6 +138,10 @@ MAX_NODES = 1024
 # Longest job name that still leaves room for the largest rank suffix with MAX_NODES nodes: 63 - 6 - 4 = 53.
 MAX_JOB_NAME = DNS_LABEL_MAX - len(RANK_HOST_INFIX) - len(str(MAX_NODES - 1))
 
+# --- Timing --------------------------------------------------------------------------------------------------
+# How soon to look again while old pods are still terminating (their deletion events usually come first).
+TEARDOWN_POLL_SECONDS = 2.0
+
 # --- Policies ------------------------------------------------------------------------------------------------
 RESTART_POLICY_EXIT_CODE = "ExitCode"
 RESTART_POLICY_ON_FAILURE = "OnFailure"

@@ -1,13 +1,13 @@
 """Names the TeleChatInference controller shares with the cluster, the CRD and the serving pods.
 
-Pure data. Shared names (API group, managed-by label, Ascend mounts, launch env contract) come from `constants`;
-this module adds only what is specific to serving. The CRD under `crds/` repeats some of these (reserved env and
-volume names, the name-length rule); `tests/unit/test_inference_crd.py` checks that the two agree.
+Pure data. Shared names (API group, managed-by label, Ascend mounts, launch env contract) come from
+`common.constants`; this module adds only what is specific to serving. The CRD under `crds/` repeats some of these
+(reserved env and volume names, the name-length rule); `tests/unit/test_inference_crd.py` checks that the two agree.
 """
 
 from __future__ import annotations
 
-from telechat_operator import constants as c
+from telechat_operator.common import constants as c
 
 # --- API identity --------------------------------------------------------------------------------------------
 INFERENCE_KIND = "TeleChatInference"

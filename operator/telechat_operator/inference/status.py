@@ -19,11 +19,12 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from telechat_operator import constants as c
-from telechat_operator import inference_constants as ic
-from telechat_operator.inference_spec import InferenceSpec, ResolvedCheckpoint, default_vocab_file
-from telechat_operator.refusals import REASON_REQUEST_REFUSED
-from telechat_operator.status import Event, condition_is, set_condition
+from telechat_operator.common import constants as c
+from telechat_operator.common.conditions import Event, condition_is, set_condition
+from telechat_operator.common.refusals import REASON_REQUEST_REFUSED
+from telechat_operator.common.spec import default_vocab_file
+from telechat_operator.inference import constants as ic
+from telechat_operator.inference.spec import InferenceSpec, ResolvedCheckpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,7 +267,7 @@ def invalid_spec_status(
 def refused_status(
     old: Mapping[str, Any], *, generation: int, now: datetime, selector: str, message: str
 ) -> dict[str, Any]:
-    """The apiserver refused one of the operator's requests (see `refusals`): Progressing (it retries by itself)
+    """The apiserver refused one of the operator's requests (see `common.refusals`): Progressing (it retries by itself)
     and not Ready, both saying which object was refused and why. Available and the counts stay as last observed:
     replicas that already serve keep serving."""
     status: dict[str, Any] = copy.deepcopy(dict(old))

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from telechat_operator import constants as c
-from telechat_operator.builders import names
-from telechat_operator.builders.common import metadata
-from telechat_operator.spec import FinetuneSpec
+from telechat_operator.common import constants as c
+from telechat_operator.finetune import names
+from telechat_operator.finetune.names import metadata
+from telechat_operator.finetune.spec import FinetuneSpec
 
 Renderer = Callable[[FinetuneSpec], str]
 

@@ -1,6 +1,6 @@
 """The job's state machine: (spec, last status, pods, clock) in -> (new status, actions) out.
 
-Pure: no API calls, no clock reads, no randomness, so every decision is a table test. The handler applies a
+Pure: no API calls, no clock reads, no randomness, so every decision is a table test. The controller applies a
 `Plan` in a fixed order: creates, then the status write, then deletes. Every name created derives from state already
 stored (the attempt number is bumped in the pass that tears the old group down, long before the new group is
 created), so a crash after a create re-creates the same names (409); the status records a restart or a failure
@@ -16,28 +16,24 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from telechat_operator import constants as c
-from telechat_operator.builders import names
-from telechat_operator.builders.pods import merged_checkpoint_path, output_subdir
-from telechat_operator.progress import progress_status
-from telechat_operator.spec import FinetuneSpec, SpecError
-from telechat_operator.spec_changes import changed_fields, spec_field_hashes
-
-# How soon to look again while old pods are still terminating (their deletion events usually come first).
-TEARDOWN_POLL_SECONDS = 2.0
-
-
-def to_timestamp(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def from_timestamp(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+from telechat_operator.common import constants as c
+from telechat_operator.common.conditions import (
+    Backoff,
+    Event,
+    condition_is,
+    from_timestamp,
+    set_condition,
+    to_timestamp,
+)
+from telechat_operator.common.spec import SpecError
+from telechat_operator.finetune import names
+from telechat_operator.finetune.pods import merged_checkpoint_path, output_subdir
+from telechat_operator.finetune.progress import progress_status
+from telechat_operator.finetune.spec import FinetuneSpec
+from telechat_operator.finetune.spec_changes import changed_fields, spec_field_hashes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,31 +112,13 @@ _OWN_CONTAINERS = (c.TRAINER_CONTAINER, c.MERGE_CONTAINER, c.PREPROCESS_CONTAINE
 MAX_MESSAGE = 2048
 
 
-@dataclasses.dataclass(frozen=True)
-class Backoff:
-    """Delay before attempt n+1 after the n-th restart: base * 2^(n-1), capped."""
-
-    base_seconds: float = 10.0
-    max_seconds: float = 300.0
-
-    def delay(self, restarts: int) -> float:
-        return min(self.base_seconds * (2 ** max(restarts - 1, 0)), self.max_seconds)
-
-
-@dataclasses.dataclass(frozen=True)
-class Event:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
-
-
 @dataclasses.dataclass
 class Plan:
     """What to do, in order: create, write `status` (if changed), delete, then post events."""
 
     status: dict[str, Any]
     delete_pods: list[str] = dataclasses.field(default_factory=list)
-    # Running pods to end without deleting them (their logs stay for `kubectl logs` until the TTL): the handler
+    # Running pods to end without deleting them (their logs stay for `kubectl logs` until the TTL): the controller
     # sets spec.activeDeadlineSeconds, and the kubelet stops the containers as it does for a deadline.
     stop_pods: list[str] = dataclasses.field(default_factory=list)
     create_ranks: list[int] = dataclasses.field(default_factory=list)  # ranks of status.attempt to create
@@ -198,28 +176,6 @@ def classify_failure(pod: PodView, restart_policy: str) -> Failure | None:
 
 def missing_rank_failure(name: str, rank: int) -> Failure:
     return Failure(name, rank, True, "PodDeleted", f"rank {rank} pod {name} disappeared (deleted or node lost)")
-
-
-def set_condition(
-    status: dict[str, Any], kind: str, value: bool, reason: str, message: str, now: datetime, generation: int
-) -> None:
-    """Upsert one condition; lastTransitionTime moves only when the True/False value flips."""
-    wanted = "True" if value else "False"
-    conditions: list[dict[str, Any]] = status.setdefault("conditions", [])
-    current = next((cond for cond in conditions if cond["type"] == kind), None)
-    if current is None:
-        current = {"type": kind}
-        conditions.append(current)
-    if current.get("status") != wanted:
-        current["lastTransitionTime"] = to_timestamp(now)
-    current.update(status=wanted, reason=reason, message=message, observedGeneration=generation)
-    order = {kind: index for index, kind in enumerate(c.CONDITION_TYPES)}
-    conditions.sort(key=lambda cond: order.get(cond["type"], len(order)))
-
-
-def condition_is(status: Mapping[str, Any], kind: str, value: bool = True) -> bool:
-    wanted = "True" if value else "False"
-    return any(cond["type"] == kind and cond.get("status") == wanted for cond in status.get("conditions") or [])
 
 
 def _lower(status: dict[str, Any], kinds: Iterable[str], reason: str, message: str, now: datetime, gen: int) -> None:
@@ -306,7 +262,7 @@ class _Machine:
             if pod is None:
                 self.plan.create_init = True
             else:
-                self.plan.requeue(TEARDOWN_POLL_SECONDS)  # a suspended job's pod still going: same name
+                self.plan.requeue(c.TEARDOWN_POLL_SECONDS)  # a suspended job's pod still going: same name
         elif pod.phase == "Succeeded":
             message = f"initializer pod {name} succeeded ({steps})"
             self.cond(c.COND_INITIALIZED, True, "Initialized", message)
@@ -511,7 +467,7 @@ class _Machine:
         current = {p.rank: p for p in self.workers(current=True) if p.rank is not None}
         if int(self.status.get("launchedAttempt", 0)) < self.attempt:
             if stale:  # host names are reused across attempts: wait until the old group is gone
-                self.plan.requeue(TEARDOWN_POLL_SECONDS)
+                self.plan.requeue(c.TEARDOWN_POLL_SECONDS)
                 return
             missing = [rank for rank in range(spec.nodes) if rank not in current]
             if missing:
@@ -586,7 +542,7 @@ class _Machine:
             self.event("SpecApplied", message)
 
     def take_progress(self) -> None:
-        """The newest progress rank 0 served (when the handler could fetch it): kept across restarts until a newer
+        """The newest progress rank 0 served (when the controller could fetch it): kept across restarts until a newer
         one arrives, so a restarting job still shows where it was and its newest complete checkpoint."""
         progress = progress_status(self.progress) if self.progress is not None else None
         if progress is not None:
@@ -650,7 +606,7 @@ def restart_cause(failure: Failure) -> str:
 def mark_launched(status: dict[str, Any], spec: FinetuneSpec, now: datetime) -> list[Event]:
     """Every rank pod of the current attempt exists: later passes treat a missing one as lost.
 
-    Called by the state machine when a list shows every rank, and by the handler right after it created all the
+    Called by the state machine when a list shows every rank, and by the controller right after it created all the
     missing ranks itself (each create a 201), which saves a pass per attempt."""
     attempt = int(status.get("attempt", 0))
     status["launchedAttempt"] = attempt
@@ -714,5 +670,5 @@ def reconcile(
     progress: Mapping[str, Any] | None = None,
 ) -> Plan:
     """Decide the next status and the actions that move the cluster towards it; `progress` is the newest document
-    rank 0 served (`telechat_operator.progress`), when the handler has one."""
+    rank 0 served (`finetune.progress`), when the controller has one."""
     return _Machine(spec, old_status, pods, now, backoff, progress).run()

@@ -12,8 +12,8 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from telechat_operator import constants as c
-from telechat_operator.spec_common import (
+from telechat_operator.common import constants as c
+from telechat_operator.common.spec import (
     SpecError,
     check_volume_mounts,
     cpu_resources,
@@ -25,7 +25,7 @@ from telechat_operator.spec_common import (
     resources_without_npus,
     validate_name,
 )
-from telechat_operator.spec_common import merge_env as _merge_env
+from telechat_operator.common.spec import merge_env as _merge_env
 
 __all__ = [
     "FinetuneSpec",

@@ -1,4 +1,5 @@
-"""Parsing pieces both custom resources share (TeleChatFinetune in `spec`, TeleChatInference in `inference_spec`).
+"""Parsing pieces both custom resources share (TeleChatFinetune in `finetune.spec`, TeleChatInference in
+`inference.spec`).
 
 One copy, so both kinds word errors the same way and check the same things: a `SpecError` names the field.
 Pure: no API calls; `telechat2.configs` is imported lazily (pure Python, no MindSpore).
@@ -11,7 +12,7 @@ import re
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
-from telechat_operator import constants as c
+from telechat_operator.common import constants as c
 
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
@@ -181,3 +182,20 @@ def check_host_paths(
                 f"{raw or '(empty)'} is not an allowed host path (operator setting TELECHAT_OPERATOR_ALLOWED_HOSTPATHS:"
                 f" {allowed_text}); use a PersistentVolumeClaim",
             )
+
+
+# Checkpoint files end like this; anything else is taken as a directory (the tokenizer default depends on it).
+CHECKPOINT_FILE_SUFFIXES = (".ckpt", ".safetensors")
+
+
+def default_vocab_file(checkpoint_path: str) -> str:
+    """tokenizer.model in the checkpoint's directory (the path itself when it is a directory)."""
+    path = checkpoint_path.rstrip("/") or "/"
+    directory = posixpath.dirname(path) if path.endswith(CHECKPOINT_FILE_SUFFIXES) else path
+    return posixpath.join(directory, "tokenizer.model")
+
+
+def checkpoint_directory(checkpoint_path: str) -> str:
+    """The directory holding the weights (MindIE's modelWeightPath)."""
+    path = checkpoint_path.rstrip("/") or "/"
+    return posixpath.dirname(path) if path.endswith(CHECKPOINT_FILE_SUFFIXES) else path

@@ -8,15 +8,14 @@ Errors are `SpecError`s naming the field, like the finetune's.
 from __future__ import annotations
 
 import dataclasses
-import posixpath
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from telechat_operator import constants as c
-from telechat_operator import inference_constants as ic
-from telechat_operator.spec_common import (
+from telechat_operator.common import constants as c
+from telechat_operator.common.spec import (
     SpecError,
     check_volume_mounts,
+    default_vocab_file,
     known_model_defaults,
     optional_int,
     owner_reference,
@@ -25,13 +24,12 @@ from telechat_operator.spec_common import (
     resources_without_npus,
     validate_name,
 )
-from telechat_operator.spec_common import merge_env as _merge_env
+from telechat_operator.common.spec import merge_env as _merge_env
+from telechat_operator.inference import constants as ic
 
 BACKEND_TELECHAT2 = "telechat2"
 BACKEND_MINDIE = "mindie"
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
-# Checkpoint files end like this; anything else is taken as a directory (the tokenizer default depends on it).
-CHECKPOINT_FILE_SUFFIXES = (".ckpt", ".safetensors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,19 +115,6 @@ class ResolvedCheckpoint:
     volumes: tuple[dict[str, Any], ...] = ()
     volume_mounts: tuple[dict[str, Any], ...] = ()
     from_finetune: str | None = None
-
-
-def default_vocab_file(checkpoint_path: str) -> str:
-    """tokenizer.model in the checkpoint's directory (the path itself when it is a directory)."""
-    path = checkpoint_path.rstrip("/") or "/"
-    directory = posixpath.dirname(path) if path.endswith(CHECKPOINT_FILE_SUFFIXES) else path
-    return posixpath.join(directory, "tokenizer.model")
-
-
-def checkpoint_directory(checkpoint_path: str) -> str:
-    """The directory holding the weights (MindIE's modelWeightPath)."""
-    path = checkpoint_path.rstrip("/") or "/"
-    return posixpath.dirname(path) if path.endswith(CHECKPOINT_FILE_SUFFIXES) else path
 
 
 def resolve_path_checkpoint(spec: InferenceSpec) -> ResolvedCheckpoint:

@@ -1,30 +1,11 @@
-"""Pieces shared by the children of both kinds: finetune metadata, and what every NPU pod mounts and requests."""
+"""Pod pieces shared by the children of both kinds: what every NPU pod mounts and requests, placement, security."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from telechat_operator import constants as c
-from telechat_operator.spec import FinetuneSpec
-
-
-def job_labels(spec: FinetuneSpec) -> dict[str, str]:
-    """Labels on every child: select a job's objects, and let the pod watch filter server-side."""
-    return {
-        c.LABEL_MANAGED_BY: c.MANAGED_BY_VALUE,
-        c.LABEL_OWNER_KIND: c.FINETUNE_KIND,
-        c.LABEL_JOB_NAME: spec.name,
-    }
-
-
-def metadata(spec: FinetuneSpec, name: str, **extra_labels: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "namespace": spec.namespace,
-        "labels": {**job_labels(spec), **extra_labels},
-        "ownerReferences": [spec.owner_reference()],
-    }
+from telechat_operator.common import constants as c
 
 
 def npu_pod_volumes(config_map_name: str) -> list[dict[str, Any]]:

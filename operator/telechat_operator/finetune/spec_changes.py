@@ -16,7 +16,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from telechat_operator.spec import FinetuneSpec
+from telechat_operator.finetune.spec import FinetuneSpec
 
 # CRD field -> FinetuneSpec attribute(s), for every mutable field a rank pod or its rendered config is built from.
 POD_SPEC_FIELDS: dict[str, tuple[str, ...]] = {

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from telechat_operator import constants as c
-from telechat_operator.builders import names
-from telechat_operator.builders.common import container_security_context, metadata, pod_security_context
-from telechat_operator.builders.pods import _container_base, _placement
-from telechat_operator.spec import FinetuneSpec
+from telechat_operator.common import constants as c
+from telechat_operator.common.pods import container_security_context, pod_security_context
+from telechat_operator.finetune import names
+from telechat_operator.finetune.names import metadata
+from telechat_operator.finetune.pods import _container_base, _placement
+from telechat_operator.finetune.spec import FinetuneSpec
 
 _TAIL = ["--skip-if-complete", "--termination-message-path", c.TERMINATION_MESSAGE_PATH]
 

@@ -1,4 +1,4 @@
-"""Deterministic child names: the same job, rank and attempt always give the same name.
+"""Deterministic child names and labels: the same job, rank and attempt always give the same name.
 
 That is what makes the operator idempotent: a restarted operator re-creating attempt 2's rank 0 gets a 409,
 not a second pod.
@@ -6,7 +6,11 @@ not a second pod.
 
 from __future__ import annotations
 
-from telechat_operator import constants as c
+from typing import Any
+
+from telechat_operator.common import constants as c
+from telechat_operator.common.objects import child_metadata
+from telechat_operator.finetune.spec import FinetuneSpec
 
 
 def config_map(job: str) -> str:
@@ -43,3 +47,16 @@ def pod_group(job: str) -> str:
 def master_address(job: str, namespace: str) -> str:
     """Rank 0's fully qualified DNS name, resolvable from every rank through the headless Service."""
     return f"{rank_host(job, 0)}.{service(job)}.{namespace}.svc"
+
+
+def job_labels(spec: FinetuneSpec) -> dict[str, str]:
+    """Labels on every child: select a job's objects, and let the pod watch filter server-side."""
+    return {
+        c.LABEL_MANAGED_BY: c.MANAGED_BY_VALUE,
+        c.LABEL_OWNER_KIND: c.FINETUNE_KIND,
+        c.LABEL_JOB_NAME: spec.name,
+    }
+
+
+def metadata(spec: FinetuneSpec, name: str, **extra_labels: str) -> dict[str, Any]:
+    return child_metadata(spec.namespace, name, {**job_labels(spec), **extra_labels}, spec.owner_reference())

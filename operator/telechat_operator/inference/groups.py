@@ -12,22 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from telechat_operator import constants as c
-from telechat_operator import inference_constants as ic
-from telechat_operator.builders.inference import (
-    launch_command,
-    launch_env,
+from telechat_operator.common import constants as c
+from telechat_operator.common.conditions import from_timestamp, to_timestamp
+from telechat_operator.common.objects import stable_hash
+from telechat_operator.inference import constants as ic
+from telechat_operator.inference.builders import (
     metadata,
     pod_spec,
+    replica_launch,
+    serve_command,
     server_container,
     serving_selector,
-    stable_hash,
     template_annotations,
 )
-from telechat_operator.inference_spec import InferenceSpec, ResolvedCheckpoint
+from telechat_operator.inference.spec import InferenceSpec, ResolvedCheckpoint
 
 # --- names -----------------------------------------------------------------------------------------------------
 
@@ -69,15 +70,16 @@ def _group_pod(
 ) -> dict[str, Any]:
     leader = rank == 0
     master = leader_address(spec, group)
+    launch = replica_launch(spec, node_rank=rank, master_addr=master)
     contract = {
-        **launch_env(spec, node_rank=rank, master_addr=master),
+        **launch.env(),
         ic.ENV_GROUP_INDEX: str(group),
         ic.ENV_GROUP_SIZE: str(spec.nodes_per_replica),
     }
     container = server_container(
         spec,
         checkpoint,
-        command=launch_command(spec, checkpoint, node_rank=rank, master_addr=master),
+        command=launch.command(serve_command(spec, checkpoint)),
         contract=contract,
         serves_http=leader,
     )
@@ -269,7 +271,7 @@ class GroupBackoff:
         return {
             "group": self.group,
             "failures": self.failures,
-            "nextAttemptTime": self.next_attempt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "nextAttemptTime": to_timestamp(self.next_attempt),
         }
 
 
@@ -278,7 +280,9 @@ def read_group_backoff(status: Mapping[str, Any]) -> dict[int, GroupBackoff]:
     entries: dict[int, GroupBackoff] = {}
     for raw in status.get("groupBackoff") or []:
         try:
-            when = datetime.strptime(str(raw["nextAttemptTime"]), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+            when = from_timestamp(str(raw["nextAttemptTime"]))
+            if when is None:
+                continue
             entries[int(raw["group"])] = GroupBackoff(int(raw["group"]), int(raw["failures"]), when)
         except (KeyError, TypeError, ValueError):
             continue

@@ -1,20 +1,20 @@
 """TeleChatInference children: the rendered configs, the serving pod template, the Deployment and the Service.
 
 Pure: an `InferenceSpec` and a `ResolvedCheckpoint` in, object dicts out; same input, same output (hashes on the
-objects let the handler skip writes when nothing changed). Multi-node groups live in `inference_groups`.
+objects let the controller skip writes when nothing changed). Multi-node groups live in `groups`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from telechat_operator import constants as c
-from telechat_operator import inference_constants as ic
-from telechat_operator.builders.common import (
+from telechat_operator.common import constants as c
+from telechat_operator.common.launch import Launch
+from telechat_operator.common.objects import child_metadata, stable_hash
+from telechat_operator.common.pods import (
     ascend_resources,
     container_security_context,
     npu_pod_volumes,
@@ -22,12 +22,9 @@ from telechat_operator.builders.common import (
     placement_fields,
     pod_security_context,
 )
-from telechat_operator.inference_spec import (
-    BACKEND_MINDIE,
-    InferenceSpec,
-    ResolvedCheckpoint,
-    checkpoint_directory,
-)
+from telechat_operator.common.spec import checkpoint_directory
+from telechat_operator.inference import constants as ic
+from telechat_operator.inference.spec import BACKEND_MINDIE, InferenceSpec, ResolvedCheckpoint
 
 # --- names -----------------------------------------------------------------------------------------------------
 
@@ -50,13 +47,7 @@ def endpoint(spec: InferenceSpec) -> str:
     return f"http://{service_name(spec.name)}.{spec.namespace}.svc:{spec.port}"
 
 
-# --- hashing and metadata ----------------------------------------------------------------------------------------
-
-
-def stable_hash(obj: Any, length: int = 10) -> str:
-    """Short content hash of a JSON-able object (key order does not matter)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
+# --- labels and metadata ----------------------------------------------------------------------------------------
 
 
 def inference_labels(spec: InferenceSpec) -> dict[str, str]:
@@ -78,22 +69,12 @@ def serving_selector(spec: InferenceSpec) -> dict[str, str]:
     return {ic.LABEL_INFERENCE_NAME: spec.name, ic.LABEL_SERVING: "true"}
 
 
-def selector_string(labels: Mapping[str, str]) -> str:
-    """`status.selector` for the scale subresource: the same labels, as a label-selector string."""
-    return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
-
-
 def metadata(spec: InferenceSpec, name: str, **extra_labels: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "namespace": spec.namespace,
-        "labels": {**inference_labels(spec), **extra_labels},
-        "ownerReferences": [spec.owner_reference()],
-    }
+    return child_metadata(spec.namespace, name, {**inference_labels(spec), **extra_labels}, spec.owner_reference())
 
 
 def with_spec_hash(obj: dict[str, Any], hashed_part: Any) -> dict[str, Any]:
-    """Annotate an object with the hash of what we want it to be; the handler writes it only when that changes."""
+    """Annotate an object with the hash of what we want it to be; the controller writes it only when that changes."""
     obj["metadata"].setdefault("annotations", {})[ic.ANNOTATION_SPEC_HASH] = stable_hash(hashed_part)
     return obj
 
@@ -260,43 +241,17 @@ def serve_command(spec: InferenceSpec, checkpoint: ResolvedCheckpoint) -> list[s
     ]
 
 
-def launch_command(
-    spec: InferenceSpec, checkpoint: ResolvedCheckpoint, *, node_rank: int, master_addr: str
-) -> list[str]:
+def replica_launch(spec: InferenceSpec, *, node_rank: int, master_addr: str) -> Launch:
     """Sharded serving: `telechat2 launch` runs msrun (join=True) over the replica's NPUs, then the server."""
-    return [
-        "telechat2",
-        "launch",
-        "--worker_num",
-        str(spec.world_size),
-        "--local_worker_num",
-        str(spec.devices_per_replica),
-        "--node_rank",
-        str(node_rank),
-        "--master_addr",
-        master_addr,
-        "--master_port",
-        str(ic.GROUP_MASTER_PORT),
-        "--log_dir",
-        ic.GROUP_LOG_DIR,
-        "--cluster_time_out",
-        str(ic.GROUP_CLUSTER_TIMEOUT),
-        "--",
-        *serve_command(spec, checkpoint),
-    ]
-
-
-def launch_env(spec: InferenceSpec, *, node_rank: int, master_addr: str) -> dict[str, str]:
-    """The launch contract's variables (the same values as the command line, for a debugging shell)."""
-    return {
-        c.ENV_WORKER_NUM: str(spec.world_size),
-        c.ENV_LOCAL_WORKER_NUM: str(spec.devices_per_replica),
-        c.ENV_NODE_RANK: str(node_rank),
-        c.ENV_MASTER_ADDR: master_addr,
-        c.ENV_MASTER_PORT: str(ic.GROUP_MASTER_PORT),
-        c.ENV_LOG_DIR: ic.GROUP_LOG_DIR,
-        c.ENV_CLUSTER_TIMEOUT: str(ic.GROUP_CLUSTER_TIMEOUT),
-    }
+    return Launch(
+        worker_num=spec.world_size,
+        local_worker_num=spec.devices_per_replica,
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=ic.GROUP_MASTER_PORT,
+        log_dir=ic.GROUP_LOG_DIR,
+        cluster_timeout=ic.GROUP_CLUSTER_TIMEOUT,
+    )
 
 
 def container_env(spec: InferenceSpec, contract: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -420,8 +375,8 @@ def deployment_selector(spec: InferenceSpec) -> dict[str, str]:
 def build_deployment(spec: InferenceSpec, checkpoint: ResolvedCheckpoint, config_hash: str) -> dict[str, Any]:
     """One pod per replica; a spec change changes the template and the Deployment rolls (surge one, none down)."""
     if spec.world_size > 1:
-        command = launch_command(spec, checkpoint, node_rank=0, master_addr="127.0.0.1")
-        contract = launch_env(spec, node_rank=0, master_addr="127.0.0.1")
+        launch = replica_launch(spec, node_rank=0, master_addr="127.0.0.1")
+        command, contract = launch.command(serve_command(spec, checkpoint)), launch.env()
     else:
         command = serve_command(spec, checkpoint)
         contract = {}

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from telechat_operator import constants as c
-from telechat_operator.builders import names
-from telechat_operator.builders.common import (
+from telechat_operator.common import constants as c
+from telechat_operator.common.launch import Launch
+from telechat_operator.common.pods import (
     ascend_resources,
     container_security_context,
-    metadata,
     npu_pod_volumes,
     npu_volume_mounts,
     placement_fields,
     pod_security_context,
 )
-from telechat_operator.inference_spec import default_vocab_file
-from telechat_operator.spec import FinetuneSpec
+from telechat_operator.common.spec import default_vocab_file
+from telechat_operator.finetune import names
+from telechat_operator.finetune.names import metadata
+from telechat_operator.finetune.spec import FinetuneSpec
 
 
 def output_subdir(spec: FinetuneSpec, sub: str) -> str:
@@ -28,32 +29,24 @@ def merged_checkpoint_path(spec: FinetuneSpec) -> str:
     return f"{output_subdir(spec, c.MERGED_DIR)}/rank_0/{spec.merge_prefix}0.ckpt"
 
 
+def rank_launch(spec: FinetuneSpec, rank: int) -> Launch:
+    """The rank's place in the job's msrun cluster (rank 0, through the headless Service, is the master)."""
+    return Launch(
+        worker_num=spec.world_size,
+        local_worker_num=spec.devices_per_node,
+        node_rank=rank,
+        master_addr=names.master_address(spec.name, spec.namespace),
+        master_port=spec.master_port,
+        log_dir=output_subdir(spec, c.MSRUN_LOG_DIR),
+        cluster_timeout=spec.cluster_timeout,
+    )
+
+
 def rank_command(spec: FinetuneSpec, rank: int, attempt: int) -> list[str]:
     """The rank's full command line; every attempt after the first resumes from the newest checkpoint."""
-    command = [
-        "telechat2",
-        "launch",
-        "--worker_num",
-        str(spec.world_size),
-        "--local_worker_num",
-        str(spec.devices_per_node),
-        "--node_rank",
-        str(rank),
-        "--master_addr",
-        names.master_address(spec.name, spec.namespace),
-        "--master_port",
-        str(spec.master_port),
-        "--log_dir",
-        output_subdir(spec, c.MSRUN_LOG_DIR),
-        "--cluster_time_out",
-        str(spec.cluster_timeout),
-        *(progress_args(spec) if rank == 0 else []),
-        "--",
-        "telechat2",
-        "finetune",
-        "--config",
-        c.CONFIG_PATH,
-    ]
+    command = rank_launch(spec, rank).command(
+        ["telechat2", "finetune", "--config", c.CONFIG_PATH], progress_args(spec) if rank == 0 else []
+    )
     if attempt > 1:
         command.append("--resume")
     return command
@@ -93,18 +86,8 @@ def merge_command(spec: FinetuneSpec) -> list[str]:
 
 def rank_env(spec: FinetuneSpec, rank: int, attempt: int) -> list[dict[str, Any]]:
     """Model defaults and user env (already merged by name), then the launch contract (reserved names)."""
-    contract = {
-        c.ENV_WORKER_NUM: spec.world_size,
-        c.ENV_LOCAL_WORKER_NUM: spec.devices_per_node,
-        c.ENV_NODE_RANK: rank,
-        c.ENV_MASTER_ADDR: names.master_address(spec.name, spec.namespace),
-        c.ENV_MASTER_PORT: spec.master_port,
-        c.ENV_LOG_DIR: output_subdir(spec, c.MSRUN_LOG_DIR),
-        c.ENV_CLUSTER_TIMEOUT: spec.cluster_timeout,
-        c.ENV_JOB_NAME: spec.name,
-        c.ENV_ATTEMPT: attempt,
-    }
-    return [*(dict(e) for e in spec.env), *({"name": k, "value": str(v)} for k, v in contract.items())]
+    contract = {**rank_launch(spec, rank).env(), c.ENV_JOB_NAME: spec.name, c.ENV_ATTEMPT: str(attempt)}
+    return [*(dict(e) for e in spec.env), *({"name": k, "value": v} for k, v in contract.items())]
 
 
 def _placement(spec: FinetuneSpec) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import kopf
 
-from telechat_operator import constants as c
+from telechat_operator.common import constants as c
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:

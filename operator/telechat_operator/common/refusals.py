@@ -8,7 +8,7 @@ The cause may go away without a spec change (someone creates the PriorityClass),
 with exponential backoff, and says in a condition which object was refused and why.
 
 Pure: no API calls, no clock reads. `RefusalTracker` is the per-resource count of consecutive refusals the
-handlers keep in memory (an operator restart starts the backoff over, which is harmless).
+controllers keep in memory (an operator restart starts the backoff over, which is harmless).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Hashable
 from datetime import datetime
 from typing import Any
 
-from telechat_operator.status import Backoff, Event, condition_is, set_condition
+from telechat_operator.common.conditions import Backoff, Event, condition_is, set_condition
 
 REASON_REQUEST_REFUSED = "RequestRefused"
 # TeleChatFinetune: a condition of its own, True while the operator's requests are refused (like a Deployment's

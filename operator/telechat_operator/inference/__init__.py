@@ -1,0 +1,1 @@
+"""The TeleChatInference controller: spec, status, builders and planners (pure), and the kopf handlers."""
