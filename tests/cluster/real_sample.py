@@ -34,7 +34,7 @@ PAIRS = [
     ("count to three", "one two three"),
 ]
 # Where the rank and serving pods mount the host's Ascend driver (hostPath Directory/File, as on an Ascend node).
-# Kept in step with telechat_operator.constants.ASCEND_DRIVER_MOUNTS (a unit test holds them equal); CPU stands
+# Kept in step with telechat_operator.common.constants.ASCEND_DRIVER_MOUNTS (a unit test holds them equal); CPU stands
 # in for the NPU here, so empty stand-ins are made on this machine.
 DRIVER_PATHS: tuple[tuple[str, str], ...] = (
     ("/usr/local/Ascend/driver", "Directory"),
