@@ -11,6 +11,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from telechat_operator.common import constants as c
+
 
 def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """Merge-patch turning `old` into `new` at the top level of status (removed keys become null)."""
@@ -41,6 +43,12 @@ def is_echo(written: Written | None, body: Mapping[str, Any]) -> bool:
     if written is None or meta.get("deletionTimestamp"):
         return False
     return written == (int(meta.get("generation", 0)), body.get("status") or {})
+
+
+def child_labels(owner_kind: str, name_label: str, owner_name: str) -> dict[str, str]:
+    """Labels on every child of one owner: select its objects by kind and name; managed-by lets the operator's
+    watches filter server-side."""
+    return {c.LABEL_MANAGED_BY: c.MANAGED_BY_VALUE, c.LABEL_OWNER_KIND: owner_kind, name_label: owner_name}
 
 
 def child_metadata(namespace: str, name: str, labels: Mapping[str, str], owner: Mapping[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from telechat_operator.common import constants as c
-from telechat_operator.common.objects import child_metadata
+from telechat_operator.common.objects import child_labels, child_metadata
 from telechat_operator.finetune.spec import FinetuneSpec
 
 
@@ -51,11 +51,7 @@ def master_address(job: str, namespace: str) -> str:
 
 def job_labels(spec: FinetuneSpec) -> dict[str, str]:
     """Labels on every child: select a job's objects, and let the pod watch filter server-side."""
-    return {
-        c.LABEL_MANAGED_BY: c.MANAGED_BY_VALUE,
-        c.LABEL_OWNER_KIND: c.FINETUNE_KIND,
-        c.LABEL_JOB_NAME: spec.name,
-    }
+    return child_labels(c.FINETUNE_KIND, c.LABEL_JOB_NAME, spec.name)
 
 
 def metadata(spec: FinetuneSpec, name: str, **extra_labels: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from telechat_operator.common import constants as c
 from telechat_operator.common.launch import Launch
-from telechat_operator.common.objects import child_metadata, stable_hash
+from telechat_operator.common.objects import child_labels, child_metadata, stable_hash
 from telechat_operator.common.pods import (
     ascend_resources,
     container_security_context,
@@ -52,11 +52,7 @@ def endpoint(spec: InferenceSpec) -> str:
 
 def inference_labels(spec: InferenceSpec) -> dict[str, str]:
     """Labels on every child: select an inference's objects; managed-by lets the pod watch filter server-side."""
-    return {
-        c.LABEL_MANAGED_BY: c.MANAGED_BY_VALUE,
-        c.LABEL_OWNER_KIND: ic.INFERENCE_KIND,
-        ic.LABEL_INFERENCE_NAME: spec.name,
-    }
+    return child_labels(ic.INFERENCE_KIND, ic.LABEL_INFERENCE_NAME, spec.name)
 
 
 def children_selector(name: str) -> dict[str, str]:
