@@ -153,24 +153,24 @@ PACK_SEQUENCES = 32  # prompts one packed prefill call takes at most (its logits
 
 
 def pack_length(tokens: int, max_length: int) -> int:
-    """Padded length a packed prefill runs at: 16, then multiples of 32 up to PACK_TOKENS, then powers of two;
-    capped at max_length. Few lengths, because each is a compile (seconds), in steps fine enough that padding
-    wastes little of a burst's prefill (8 prompts of ~19 tokens: 160, not 256)."""
+    """Padded length a packed prefill runs at: 16, then multiples of 32 up to PACK_TOKENS, then (a long prompt
+    alone) powers of two capped at max_length. Few lengths, because each is a compile (seconds), in steps fine
+    enough that padding wastes little of a burst's prefill (8 prompts of ~19 tokens: 160, not 256). A pack of
+    several prompts may be longer than seq_length: each prompt's positions stay its own."""
     if tokens <= 16:
-        size = 16
-    elif tokens <= PACK_TOKENS:
-        size = -(-tokens // 32) * 32
-    else:
-        size = 2 * PACK_TOKENS
-        while size < tokens:
-            size *= 2
+        return 16
+    if tokens <= PACK_TOKENS:
+        return -(-tokens // 32) * 32
+    size = 2 * PACK_TOKENS
+    while size < tokens:
+        size *= 2
     return min(size, max_length)
 
 
-def pack_prompts(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+def pack_prompts(lengths: Sequence[int]) -> list[list[int]]:
     """Indices of prompts grouped into packed prefill calls, in order: up to PACK_TOKENS tokens and PACK_SEQUENCES
     prompts per call (a prompt longer than that alone)."""
-    limit = min(PACK_TOKENS, max_length)
+    limit = PACK_TOKENS
     packs: list[list[int]] = []
     tokens = 0
     for index, length in enumerate(lengths):
@@ -425,11 +425,13 @@ class BatchGenerator:
             raise RuntimeError("warm_up runs before any sequence is added")
         calls = 0
         layers = range(len(self.model.model.layers))
-        lengths = sorted({pack_length(n, self.max_length) for n in range(1, min(PACK_TOKENS, self.max_length) + 1)})
+        lengths = sorted({pack_length(n, self.max_length) for n in range(1, PACK_TOKENS + 1)})
         packs = []
         if self.prefill is not None:
-            for length in lengths:  # a prompt of `length` tokens (seq_length - 1 at most) pads to `length`
-                pack = Pack.build([[0] * min(length, self.max_length - 1)], self.max_length, self.table.prompt)
+            for length in lengths:  # prompts of `length` tokens in all (seq_length - 1 each at most)
+                sizes = [self.max_length - 1] * (length // (self.max_length - 1))
+                sizes += [length % (self.max_length - 1)] if length % (self.max_length - 1) else []
+                pack = Pack.build([[0] * size for size in sizes], self.max_length, self.table.prompt)
                 logits, new_keys, new_values = self.prefill.run(pack)
                 logits.asnumpy()
                 packs.append((pack, new_keys, new_values))
@@ -445,7 +447,7 @@ class BatchGenerator:
             calls += 1
             if packs:
                 pack, new_keys, new_values = packs[-1]
-                index = self._write_index(pack, [0], new_keys[0].shape[0])
+                index = self._write_index(pack, [0] * (int(pack.segments.max()) + 1), new_keys[0].shape[0])
                 keys, _ = slot_writer().write(keys, values, new_keys, new_values, index)
                 keys[0].asnumpy()
                 calls += 1
@@ -510,7 +512,7 @@ class BatchGenerator:
                 emitted.append(self._pick(seq_id, seq, logits.asnumpy()[0, -1]))
             return emitted
         lengths = [len(self.sequences[seq_id].ids) for seq_id in prefill]
-        for pack_ids in pack_prompts(lengths, self.max_length):
+        for pack_ids in pack_prompts(lengths):
             seq_ids = [prefill[i] for i in pack_ids]
             emitted += self._prefill_pack(seq_ids)
         return emitted

@@ -59,11 +59,12 @@ def test_pack_lengths_and_packs() -> None:
     assert [pack_length(n, 512) for n in (1, 16, 17, 33, 64, 65, 129, 161, 256, 257)] == [
         16, 16, 32, 64, 64, 96, 160, 192, 256, 512,
     ]  # fmt: skip
-    assert pack_length(70, 80) == 80  # capped at seq_length
-    assert pack_prompts([100, 100, 50, 10, 300, 5], 1024) == [[0, 1, 2], [3], [4], [5]]  # <= PACK_TOKENS each
+    assert pack_length(300, 400) == 400  # a long prompt alone: capped at seq_length
+    assert pack_length(180, 96) == 192  # several prompts: each keeps its own positions, the pack may be longer
+    assert pack_prompts([100, 100, 50, 10, 300, 5]) == [[0, 1, 2], [3], [4], [5]]  # <= PACK_TOKENS each
     assert PACK_TOKENS == 256
-    assert pack_prompts([1] * (PACK_SEQUENCES + 1), 1024) == [list(range(PACK_SEQUENCES)), [PACK_SEQUENCES]]
-    assert pack_prompts([40, 40, 40], 96) == [[0, 1], [2]]  # at most seq_length tokens per pack
+    assert pack_prompts([1] * (PACK_SEQUENCES + 1)) == [list(range(PACK_SEQUENCES)), [PACK_SEQUENCES]]
+    assert pack_prompts([90, 90, 90]) == [[0, 1], [2]]  # a pack may be longer than seq_length (96 here)
 
 
 def test_packed_prefill_of_prompts_of_different_lengths_equals_each_prompt_alone() -> None:
@@ -71,10 +72,10 @@ def test_packed_prefill_of_prompts_of_different_lengths_equals_each_prompt_alone
     PyNative prefill, the prompts longer than training_seqlen (16 here) with their own per-length NTK rotary."""
     ms.set_context(mode=ms.PYNATIVE_MODE)
     long_model = build_tiny_model(seed=5, seq_length=SEQ_LENGTH, training_seqlen=16)
-    prompts = [prompt(5, 1), prompt(12, 2), prompt(20, 3), prompt(30, 4)]
-    assert pack_prompts([len(p) for p in prompts], SEQ_LENGTH) == [[0, 1, 2, 3]]
+    prompts = [prompt(5, 1), prompt(12, 2), prompt(20, 3), prompt(30, 4), prompt(40, 5)]
+    assert pack_prompts([len(p) for p in prompts]) == [[0, 1, 2, 3, 4]]
     pack = Pack.build(prompts, SEQ_LENGTH, TableRotary(long_model).prompt)
-    assert pack.ids.shape == (1, 96)  # 67 tokens, padded to 128, capped at seq_length
+    assert pack.ids.shape == (1, 128)  # 107 tokens, padded to a multiple of 32: longer than seq_length (96)
     logits, keys, values = packed_prefill(long_model).run(pack)
     offset = 0
     for index, ids in enumerate(prompts):
@@ -192,8 +193,8 @@ def test_removing_a_sequence_frees_its_row_for_the_next_one(model) -> None:
 
 def test_warm_up_compiles_every_bucket_and_leaves_the_batch_empty(model) -> None:
     batch = BatchGenerator(model, max_batch=4, compile_prefill=True)
-    # packed lengths 16, 32, 64, 96 (then seq_length); buckets 1, 2, 4, each a decode step and a writer call
-    assert batch.warm_up() == 4 + 2 * 3
+    # packed lengths 16, 32, 64, ... 256 (9); buckets 1, 2, 4, each a decode step and a writer call
+    assert batch.warm_up() == 9 + 2 * 3
     assert len(batch) == 0 and batch.capacity == 0 and batch.prefill_calls == 0
     config = GenerationConfig(max_new_tokens=5, stop_token_ids=())
     outputs: dict[int, list[int]] = {}
