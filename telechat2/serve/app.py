@@ -320,6 +320,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         f"default {ServeSettings.max_batch_size})",
     )
     parser.add_argument(
+        "--warm-up",
+        action="store_true",
+        help="compile the decode batch's shapes (every batch bucket and prompt length bucket) before reporting ready, "
+        "so no request waits for a compile (seconds per shape on CPU)",
+    )
+    parser.add_argument(
         "--max-body-bytes",
         type=int,
         default=ServeSettings.max_body_bytes,
@@ -405,9 +411,12 @@ def run(args: argparse.Namespace) -> int:
         if layout == msrun.TENSOR_PARALLEL or group.msrun_worker:
             place = msrun.join_cluster(group)
             tensor_parallel = place if layout == msrun.TENSOR_PARALLEL else None
-        return TeleChat2Engine.load(
+        engine = TeleChat2Engine.load(
             args.config, args.load_checkpoint, args.vocab_file, settings.max_seq_len, tensor_parallel
         )
+        if args.warm_up and settings.max_batch_size > 1:  # every rank, in the same order (collectives line up)
+            engine.warm_up(settings.max_batch_size)
+        return engine
 
     if layout == msrun.TENSOR_PARALLEL:
         log.info(

@@ -78,7 +78,8 @@ class Batch(Protocol):
     """
 
     def add(self, seq_id: int, input_ids: list[int], params: SamplingParams) -> Emission | None:
-        """Join the batch; the first token now (prompt prefilled at once), or None (it comes from a `step`)."""
+        """Join the batch; the first token now, or None (it comes from the next `step`, which prefills every
+        prompt added since the last one together)."""
         ...
 
     def step(self) -> list[Emission]: ...
@@ -134,17 +135,29 @@ class TeleChat2Engine:
     def open_batch(self, max_batch: int) -> ModelBatch:
         """A decode batch of up to `max_batch` sequences over this model (`telechat2.batched.BatchGenerator`).
 
-        On CPU every prompt is prefilled by one compiled pass padded to a length bucket
-        (`telechat2.batched.TeleChat2CompiledPrefill`): the operator-by-operator prefill costs dozens of steps
-        there, and reading the prompt a token per batched step held a new request back for as many steps as it
-        had prompt tokens. On Ascend the prompt runs through the model's own (flash attention) prefill.
+        On CPU the prompts admitted at a step boundary are prefilled together by one compiled pass per pack
+        (`telechat2.batched.TeleChat2PackedPrefill`): the operator-by-operator prefill costs dozens of steps there,
+        and a prefill per request held the whole batch back once per arrival. On Ascend each prompt runs through
+        the model's own (flash attention) prefill.
         """
+        return ModelBatch(self._generator(max_batch))
+
+    def warm_up(self, max_batch: int) -> None:
+        """Compile the batch's shapes now (`BatchGenerator.warm_up`), before the server reports ready, so the first
+        requests of each batch size and prompt length do not wait seconds for a compile."""
+        import time
+
+        started = time.monotonic()
+        calls = self._generator(max_batch).warm_up()
+        log.info("warm-up: %d compiled shapes in %.1fs", calls, time.monotonic() - started)
+
+    def _generator(self, max_batch: int) -> Any:
         import mindspore as ms
 
         from telechat2.batched import BatchGenerator
 
         compiled = ms.get_context("device_target") == "CPU"
-        return ModelBatch(BatchGenerator(self.model, max_batch, compile_prefill=compiled))
+        return BatchGenerator(self.model, max_batch, compile_prefill=compiled)
 
 
 class ModelBatch:

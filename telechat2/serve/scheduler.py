@@ -2,9 +2,12 @@
 
 The thread owns the model (MindSpore is not re-entrant; the event loop stays free for other clients, health checks
 and streaming). With an engine that can batch (`open_batch`), it runs continuous batching: at every step boundary
-it first drops cancelled sequences, then admits waiting requests into free rows of the decode batch (each prompt is
-prefilled alone; at most `prefill_tokens` prompt tokens per boundary, so a burst of long prompts does not stall the
-running sequences for long), then runs one batched decode step that gives every running sequence its next token.
+it first drops cancelled sequences, then admits waiting requests into free rows of the decode batch (at most
+`prefill_tokens` prompt tokens per boundary, so a burst of long prompts does not stall the running sequences for
+long), then runs one batch step: the prompts just admitted are prefilled together (one packed pass with the
+`telechat2.batched` generator) and give their first tokens, then one batched decode step gives every running
+sequence its next token. An idle batch that gets a request waits `admit_wait` (10 ms) for more before its first
+step, so a burst of clients arriving a few milliseconds apart shares one prefill instead of one prefill each.
 Up to `max_batch` requests run together; up to `max_queue` more wait; the next gets `QueueFull` (HTTP 503 +
 Retry-After). A stream-only engine runs one request at a time, first come first served.
 
@@ -104,6 +107,7 @@ class Scheduler:
         on_job_done: Callable[[Job, int, float], None] | None = None,
         max_batch: int = 1,
         prefill_tokens: int = 2048,
+        admit_wait: float = 0.01,
     ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
@@ -113,6 +117,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
+        self.admit_wait = admit_wait  # seconds an idle batch waits for more requests after the first one
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread: threading.Thread | None = None
         self._active: dict[int, Job] = {}  # running jobs by sequence id (one at most without batching)
@@ -214,12 +219,19 @@ class Scheduler:
                     batch.remove(seq_id)
                     self._finish(seq_id, "cancelled")
             prefilled = 0
+            was_idle = not self._active
+            gather_until: float | None = None
             while len(self._active) < self.max_batch and prefilled < self.prefill_tokens:
                 if pending is not None:
                     job, pending = pending, None
                 else:
                     try:
-                        job = self._queue.get(block=not self._active)  # idle: wait for work; busy: take what waits
+                        if not self._active:
+                            job = self._queue.get()  # idle: wait for work
+                        elif gather_until is not None:  # a burst is arriving: its requests share one prefill
+                            job = self._queue.get(timeout=max(0.0, gather_until - time.monotonic()))
+                        else:
+                            job = self._queue.get_nowait()  # busy: take what waits
                     except queue.Empty:
                         break
                 if job is None:
@@ -231,6 +243,8 @@ class Scheduler:
                     continue
                 prefilled += len(job.input_ids)
                 self._admit(batch, job)
+                if was_idle and gather_until is None and self.admit_wait > 0:
+                    gather_until = time.monotonic() + self.admit_wait
             if self._active:
                 try:
                     emitted = batch.step()

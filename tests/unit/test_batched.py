@@ -11,7 +11,17 @@ import numpy as np
 import pytest
 from tiny_model import build_tiny_model
 
-from telechat2.batched import BatchGenerator, TableRotary, buckets, compiled_prefill, prefill_length
+from telechat2.batched import (
+    PACK_SEQUENCES,
+    PACK_TOKENS,
+    BatchGenerator,
+    Pack,
+    TableRotary,
+    buckets,
+    pack_length,
+    pack_prompts,
+    packed_prefill,
+)
 from telechat2.generation import GenerationConfig, generate
 
 SEQ_LENGTH = 96
@@ -45,21 +55,73 @@ def test_buckets_are_powers_of_two_up_to_the_maximum() -> None:
         buckets(0)
 
 
-def test_prefill_lengths_are_powers_of_two_from_16_capped_at_seq_length() -> None:
-    assert [prefill_length(n, 96) for n in (1, 16, 17, 32, 33, 64, 65, 95)] == [16, 16, 32, 32, 64, 64, 96, 96]
+def test_pack_lengths_and_packs() -> None:
+    assert [pack_length(n, 512) for n in (1, 16, 17, 33, 64, 65, 129, 161, 256, 257)] == [
+        16, 16, 32, 64, 64, 96, 160, 192, 256, 512,
+    ]  # fmt: skip
+    assert pack_length(300, 400) == 400  # a long prompt alone: capped at seq_length
+    assert pack_length(180, 96) == 192  # several prompts: each keeps its own positions, the pack may be longer
+    assert pack_prompts([100, 100, 50, 10, 300, 5]) == [[0, 1, 2], [3], [4], [5]]  # <= PACK_TOKENS each
+    assert PACK_TOKENS == 256
+    assert pack_prompts([1] * (PACK_SEQUENCES + 1)) == [list(range(PACK_SEQUENCES)), [PACK_SEQUENCES]]
+    assert pack_prompts([90, 90, 90]) == [[0, 1], [2]]  # a pack may be longer than seq_length (96 here)
 
 
-def test_compiled_prefill_matches_the_model_forward_and_pads_the_cache_to_seq_length(model) -> None:
-    """Padding after the prompt must not change the real positions: same last logits, same K/V at 0..T-1."""
-    ids = prompt(21, 9)  # padded to 32
-    logits, cache = model.forward(ms.Tensor(np.asarray([ids], np.int32)), last_only=True)
-    got, keys, values = compiled_prefill(model).run(ids)
-    assert got.shape == logits.shape
-    np.testing.assert_allclose(got.asnumpy(), logits.asnumpy(), rtol=1e-5, atol=1e-5)
-    for (key, value), new_key, new_value in zip(cache, keys, values, strict=True):
-        assert new_key.shape[2] == SEQ_LENGTH and new_value.shape[2] == SEQ_LENGTH
-        np.testing.assert_allclose(new_key.asnumpy()[:, :, : len(ids)], key.asnumpy(), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(new_value.asnumpy()[:, :, : len(ids)], value.asnumpy(), rtol=1e-5, atol=1e-5)
+def test_packed_prefill_of_prompts_of_different_lengths_equals_each_prompt_alone() -> None:
+    """Prompts laid end to end must not see each other: each one's last logits and its keys/values equal its own
+    PyNative prefill, the prompts longer than training_seqlen (16 here) with their own per-length NTK rotary."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    long_model = build_tiny_model(seed=5, seq_length=SEQ_LENGTH, training_seqlen=16)
+    prompts = [prompt(5, 1), prompt(12, 2), prompt(20, 3), prompt(30, 4), prompt(40, 5)]
+    assert pack_prompts([len(p) for p in prompts]) == [[0, 1, 2, 3, 4]]
+    pack = Pack.build(prompts, SEQ_LENGTH, TableRotary(long_model).prompt)
+    assert pack.ids.shape == (1, 128)  # 107 tokens, padded to a multiple of 32: longer than seq_length (96)
+    logits, keys, values = packed_prefill(long_model).run(pack)
+    offset = 0
+    for index, ids in enumerate(prompts):
+        alone, cache = long_model.forward(ms.Tensor(np.asarray([ids], np.int32)), last_only=True)
+        np.testing.assert_allclose(logits.asnumpy()[index], alone.asnumpy()[0, -1], rtol=1e-5, atol=1e-5)
+        for (key, value), packed_key, packed_value in zip(cache, keys, values, strict=True):
+            span = slice(offset, offset + len(ids))
+            np.testing.assert_allclose(packed_key.asnumpy()[:, span], key.asnumpy()[0], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(packed_value.asnumpy()[:, span], value.asnumpy()[0], rtol=1e-5, atol=1e-5)
+        offset += len(ids)
+
+
+def test_a_burst_is_prefilled_in_one_call_and_rows_stay_put_while_others_leave(model) -> None:
+    """Six prompts added at one step boundary: one packed prefill; a sequence leaving mid-decode moves nobody's
+    row, and one joining later takes a free row; every greedy output equals its lone `generate`."""
+    requests = {
+        i: (prompt(3 + 4 * i, i), GenerationConfig(max_new_tokens=6 + 2 * i, stop_token_ids=())) for i in range(6)
+    }
+    expected = {i: generate(model, ids, config) for i, (ids, config) in requests.items()}
+    batch = BatchGenerator(model, max_batch=8, compile_prefill=True)
+    outputs: dict[int, list[int]] = {}
+    ended: dict[int, str] = {}
+    for seq_id, (ids, config) in requests.items():
+        batch.add(seq_id, ids, config)
+    run_to_end(batch, outputs, ended, batch.step())
+    assert batch.prefill_calls == 1 and batch.capacity == 8
+    assert all(len(outputs[i]) == 2 for i in requests), "first token from the prefill, second from the step"
+    rows = {seq_id: batch.sequences[seq_id].row for seq_id in batch.sequences}
+    batch.remove(2)  # cancelled mid-decode
+    for _ in range(3):
+        run_to_end(batch, outputs, ended, batch.step())
+    assert {seq_id: batch.sequences[seq_id].row for seq_id in batch.sequences} == {
+        seq_id: row for seq_id, row in rows.items() if seq_id != 2
+    }
+    late_ids, late_config = prompt(9, 9), GenerationConfig(max_new_tokens=5, stop_token_ids=())
+    batch.add(9, late_ids, late_config)
+    run_to_end(batch, outputs, ended, batch.step())
+    assert batch.sequences[9].row not in {row for seq_id, row in rows.items() if seq_id in batch.sequences}
+    while len(batch):
+        run_to_end(batch, outputs, ended, batch.step())
+    assert batch.prefill_calls == 2
+    for seq_id in requests:
+        if seq_id != 2:
+            assert outputs[seq_id] == expected[seq_id], f"sequence {seq_id}"
+    assert outputs[9] == generate(model, late_ids, late_config)
+    assert len(outputs[2]) == 2 and 2 not in ended
 
 
 @pytest.mark.parametrize(
@@ -129,6 +191,19 @@ def test_removing_a_sequence_frees_its_row_for_the_next_one(model) -> None:
     assert len(outputs[1]) == 3 and 1 not in ended  # 6 steps read its 6-token prompt (the 6th gives a token), 2 more
 
 
+def test_warm_up_compiles_every_bucket_and_leaves_the_batch_empty(model) -> None:
+    batch = BatchGenerator(model, max_batch=4, compile_prefill=True)
+    # packed lengths 16, 32, 64, ... 256 (9); buckets 1, 2, 4, each a decode step and a writer call
+    assert batch.warm_up() == 9 + 2 * 3
+    assert len(batch) == 0 and batch.capacity == 0 and batch.prefill_calls == 0
+    config = GenerationConfig(max_new_tokens=5, stop_token_ids=())
+    outputs: dict[int, list[int]] = {}
+    batch.add(1, prompt(7, 1), config)
+    while len(batch):
+        run_to_end(batch, outputs, {}, batch.step())
+    assert outputs[1] == generate(model, prompt(7, 1), config)
+
+
 def test_bad_prompts_are_refused_like_stream_generate(model) -> None:
     batch = BatchGenerator(model, max_batch=2)
     config = GenerationConfig(max_new_tokens=3)
@@ -163,7 +238,8 @@ def test_rotary_rows_come_in_per_sequence(model) -> None:
     assert calls and sorted(calls[0].tolist()) == [4, 7]  # each sequence's own position (its newest token)
 
 
-def test_sequences_past_the_trained_length_get_their_own_ntk_rows_and_their_lone_output() -> None:
+@pytest.mark.parametrize("compile_prefill", [False, True], ids=["pynative-prefill", "packed-prefill"])
+def test_sequences_past_the_trained_length_get_their_own_ntk_rows_and_their_lone_output(compile_prefill: bool) -> None:
     """Dynamic NTK per sequence: rows past training_seqlen follow the official per-length alpha, and greedy
     batched decoding of a sequence that grows past it equals a lone `generate` (which the official model matches)."""
     from telechat2.modeling import decode_rotary
@@ -180,11 +256,14 @@ def test_sequences_past_the_trained_length_get_their_own_ntk_rows_and_their_lone
     assert np.abs(cos[3] - table[40]).max() > 1e-3  # past it, the shared table would be wrong
 
     config = GenerationConfig(max_new_tokens=20, stop_token_ids=())
-    batch = BatchGenerator(long_model, max_batch=2)
-    outputs: dict[int, list[int]] = {1: [], 2: []}
+    batch = BatchGenerator(long_model, max_batch=3, compile_prefill=compile_prefill)
+    outputs: dict[int, list[int]] = {1: [], 2: [], 3: []}
     ended: dict[int, str] = {}
-    run_to_end(batch, outputs, ended, [batch.add(1, prompt(12, 1), config), batch.add(2, prompt(5, 2), config)])
+    batch.add(1, prompt(12, 1), config)
+    batch.add(2, prompt(5, 2), config)
+    batch.add(3, prompt(24, 3), config)  # its prompt is past training_seqlen already
     while len(batch):
         run_to_end(batch, outputs, ended, batch.step())
     assert outputs[1] == generate(long_model, prompt(12, 1), config)  # 12 -> 32 tokens: crosses 16
     assert outputs[2] == generate(long_model, prompt(5, 2), config)
+    assert outputs[3] == generate(long_model, prompt(24, 3), config)

@@ -39,7 +39,8 @@ class RecordingBatch:
 
     def step(self) -> Any:
         emitted = self.batch.step()
-        self.log.append(("step", len(emitted)))
+        # sequences that got a token or ended (a prompt prefilled by this step gives two: its first and its next)
+        self.log.append(("step", len({emission.seq_id for emission in emitted})))
         return emitted
 
     def remove(self, seq_id: int) -> None:

@@ -7,6 +7,7 @@ slowly and records how it ended) behind a real uvicorn server; everything else u
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
@@ -20,12 +21,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from telechat2 import msrun
+from telechat2.batched import Emitted
 from telechat2.cli import build_parser
 from telechat2.serve import distributed
 from telechat2.serve.app import create_app, default_model_name, serve_in_background, settings_from_args
 from telechat2.serve.auth import ApiKeySource
 from telechat2.serve.engine import SamplingParams
 from telechat2.serve.runtime import ServeSettings
+from telechat2.serve.scheduler import Scheduler
 from telechat2.serve.text import TextStream
 from telechat2.tokenizer import TeleChat2Tokenizer
 
@@ -242,8 +245,63 @@ def test_cli_flags_become_settings(tmp_path) -> None:
     assert default_model_name("telechat2-tiny") == "telechat2-tiny"
     assert default_model_name("/etc/telechat2/predict.yaml") == "telechat2"
     assert (settings.max_seq_len, settings.max_input_token_len) == (4096, 3072)
+    assert args.warm_up is False and build_parser([*argv, "--warm-up"]).parse_args([*argv, "--warm-up"]).warm_up
     with pytest.raises(ValueError, match="max-input-token-len"):
         ServeSettings(max_seq_len=100, max_input_token_len=100)
+
+
+class CountingBatch:
+    """Fake decode batch: each sequence gets `tokens` tokens, one per step; logs adds and steps."""
+
+    def __init__(self, log: list[tuple[str, int]], tokens: int = 3) -> None:
+        self.log, self.tokens = log, tokens
+        self.left: dict[int, int] = {}
+
+    def add(self, seq_id: int, input_ids: list[int], params: SamplingParams) -> None:
+        self.log.append(("add", seq_id))
+        self.left[seq_id] = self.tokens
+
+    def step(self) -> list[Emitted]:
+        self.log.append(("step", len(self.left)))
+        time.sleep(0.005)
+        emitted = []
+        for seq_id in list(self.left):
+            self.left[seq_id] -= 1
+            emitted.append(Emitted(seq_id, 100, "length" if self.left[seq_id] == 0 else None))
+            if self.left[seq_id] == 0:
+                del self.left[seq_id]
+        return emitted
+
+    def remove(self, seq_id: int) -> None:
+        self.left.pop(seq_id, None)
+
+
+@pytest.mark.parametrize("admit_wait", [0.0, 0.5])
+def test_an_idle_batch_waits_briefly_so_a_burst_shares_its_first_step(
+    tiny_tokenizer: TeleChat2Tokenizer, admit_wait: float
+) -> None:
+    """Requests 30 ms apart: with the wait they all join before the first step (one prefill); without it the
+    first request steps alone and the others join at the next boundaries."""
+    log: list[tuple[str, int]] = []
+    engine = GatedEngine(tiny_tokenizer)
+    engine.open_batch = lambda max_batch: CountingBatch(log)  # type: ignore[attr-defined]
+    scheduler = Scheduler(max_queue=8, max_batch=4, admit_wait=admit_wait)
+    scheduler.engine = engine
+    scheduler.start()
+
+    async def burst() -> list[list[int]]:
+        jobs = []
+        for index in range(3):
+            jobs.append(scheduler.submit([5, index], SamplingParams(max_new_tokens=3)))
+            await asyncio.sleep(0.03)
+        return [[token async for token in job.tokens()] for job in jobs]
+
+    try:
+        assert asyncio.run(burst()) == [[100] * 3] * 3
+    finally:
+        scheduler.stop()
+    first_step = log.index(next(entry for entry in log if entry[0] == "step"))
+    assert log[:first_step] == ([("add", 1), ("add", 2), ("add", 3)] if admit_wait else [("add", 1)])
 
 
 # -- msrun: rank 0 leads, the others follow in lockstep -----------------------------------------------------------
