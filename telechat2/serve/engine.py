@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -145,8 +146,6 @@ class TeleChat2Engine:
     def warm_up(self, max_batch: int) -> None:
         """Compile the batch's shapes now (`BatchGenerator.warm_up`), before the server reports ready, so the first
         requests of each batch size and prompt length do not wait seconds for a compile."""
-        import time
-
         started = time.monotonic()
         calls = self._generator(max_batch).warm_up()
         log.info("warm-up: %d compiled shapes in %.1fs", calls, time.monotonic() - started)
