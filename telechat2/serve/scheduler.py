@@ -6,12 +6,14 @@ it first drops cancelled sequences, then admits waiting requests into free rows 
 `prefill_tokens` prompt tokens per boundary, so a burst of long prompts does not stall the running sequences for
 long), then runs one batch step: the prompts just admitted are prefilled together (one packed pass with the
 `telechat2.batched` generator) and give their first tokens, then one batched decode step gives every running
-sequence its next token. An idle batch that gets a request waits `admit_wait` (10 ms) for more before its first
-step, so a burst of clients arriving a few milliseconds apart shares one prefill instead of one prefill each.
+sequence its next token. An idle batch that gets a request waits for more before its first step, until no new
+request came for `admit_wait` (10 ms) or `admit_wait_max` (50 ms) after the first, so a burst of clients arriving a
+few milliseconds apart shares one prefill instead of one prefill each (a lone request waits 10 ms).
 Up to `max_batch` requests run together; up to `max_queue` more wait; the next gets `QueueFull` (HTTP 503 +
 Retry-After). A stream-only engine runs one request at a time, first come first served.
 
-Tokens cross from the worker thread to the request's event loop through `loop.call_soon_threadsafe`. A job is
+Tokens cross from the worker thread to the request's event loop through `loop.call_soon_threadsafe`, once per batch
+step for all of its rows (one wake-up of the loop per step, not one per token). A job is
 cancelled by setting its event: a waiting job is skipped, a running one leaves the batch at the next step boundary
 (its row is free for the next request).
 """
@@ -98,6 +100,12 @@ class Job:
                 return
 
 
+def _put_all(items: list[tuple[Job, str, object]]) -> None:
+    """On the event loop: one batch step's events for its requests, in order."""
+    for job, kind, value in items:
+        job.events.put_nowait((kind, value))
+
+
 class Scheduler:
     """Owns the worker thread and the waiting line; `engine` is set once the model has loaded."""
 
@@ -108,6 +116,7 @@ class Scheduler:
         max_batch: int = 1,
         prefill_tokens: int = 2048,
         admit_wait: float = 0.01,
+        admit_wait_max: float = 0.05,
     ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
@@ -117,12 +126,16 @@ class Scheduler:
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
-        self.admit_wait = admit_wait  # seconds an idle batch waits for more requests after the first one
+        self.admit_wait = admit_wait  # seconds an idle batch waits for the next request of a burst
+        self.admit_wait_max = max(admit_wait, admit_wait_max)  # and at most this long after the burst's first one
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread: threading.Thread | None = None
         self._active: dict[int, Job] = {}  # running jobs by sequence id (one at most without batching)
         self._generated: dict[int, int] = {}
         self._next_id = 0
+        # A batch step's events, per event loop, handed over in one call: one loop wake-up per step, not one per
+        # token of every row (`None`: outside a step's delivery, events go out one by one).
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Job, str, object]]] | None = None
         self._avg_seconds = 1.0  # moving average of a job's run time, for Retry-After
         self._on_job_done = on_job_done
 
@@ -192,14 +205,29 @@ class Scheduler:
         job._emit("done", "cancelled")
         return True
 
+    def _post(self, job: Job, kind: str, value: object) -> None:
+        if self._outbox is None:
+            job._emit(kind, value)
+        else:
+            self._outbox.setdefault(job.loop, []).append((job, kind, value))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox or {}, None
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop is closed (server shutting down): nobody is listening
+                for job, _, _ in items:
+                    job.cancelled.set()
+
     def _finish(self, seq_id: int, reason: str | None, error: BaseException | None = None) -> None:
         job = self._active.pop(seq_id)
         generated = self._generated.pop(seq_id, 0)
         job.finished, job.end_reason = True, reason
         if error is not None:
-            job._emit("error", error)
+            self._post(job, "error", error)
         else:
-            job._emit("done", reason)
+            self._post(job, "done", reason)
         assert job.started_at is not None
         elapsed = time.monotonic() - job.started_at
         self._avg_seconds = 0.8 * self._avg_seconds + 0.2 * elapsed
@@ -218,9 +246,10 @@ class Scheduler:
                 if job.cancelled.is_set():
                     batch.remove(seq_id)
                     self._finish(seq_id, "cancelled")
-            prefilled = 0
+            prefilled = admitted = 0
             was_idle = not self._active
             gather_until: float | None = None
+            gather_deadline = 0.0
             while len(self._active) < self.max_batch and prefilled < self.prefill_tokens:
                 if pending is not None:
                     job, pending = pending, None
@@ -242,10 +271,15 @@ class Scheduler:
                 if self._skip_cancelled(job):
                     continue
                 prefilled += len(job.input_ids)
+                admitted += 1
                 self._admit(batch, job)
-                if was_idle and gather_until is None and self.admit_wait > 0:
-                    gather_until = time.monotonic() + self.admit_wait
+                if was_idle and self.admit_wait > 0:  # a burst: wait until it pauses for admit_wait, within limits
+                    now = time.monotonic()
+                    if gather_until is None:
+                        gather_deadline = now + self.admit_wait_max
+                    gather_until = min(now + self.admit_wait, gather_deadline)
             if self._active:
+                rows, step_started = len(self._active), time.monotonic()
                 try:
                     emitted = batch.step()
                 except Exception as exc:  # a failed step leaves no row trustworthy: fail the batch, start afresh
@@ -254,8 +288,21 @@ class Scheduler:
                         self._finish(seq_id, "error", exc)
                     batch = self.engine.open_batch(self.max_batch)  # type: ignore[attr-defined]
                     continue
-                for emission in emitted:
-                    self._deliver(emission)
+                stepped = time.monotonic()
+                self._outbox = {}
+                try:
+                    for emission in emitted:
+                        self._deliver(emission)
+                finally:
+                    self._flush()
+                if log.isEnabledFor(logging.DEBUG):  # the step trace the serving benchmark's profile reads
+                    log.debug(
+                        "step rows=%d admitted=%d step_ms=%.1f deliver_ms=%.1f",
+                        rows,
+                        admitted,
+                        1e3 * (stepped - step_started),
+                        1e3 * (time.monotonic() - stepped),
+                    )
 
     def _admit(self, batch: Batch, job: Job) -> None:
         self._next_id += 1
@@ -277,7 +324,7 @@ class Scheduler:
         job = self._active[seq_id]
         if emission.token is not None:
             self._generated[seq_id] = self._generated.get(seq_id, 0) + 1
-            job._emit("token", int(emission.token))
+            self._post(job, "token", int(emission.token))
         if emission.finish is not None:
             self._finish(seq_id, emission.finish)
 

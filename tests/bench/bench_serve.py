@@ -82,13 +82,13 @@ def write_config(workdir: Path, name: str, overrides: dict[str, Any]) -> Path:
 
 
 def start_server(
-    config: Path, checkpoint: Path, vocab: Path, port: int, log: Path, max_batch: int
+    config: Path, checkpoint: Path, vocab: Path, port: int, log: Path, max_batch: int, log_level: str = "warning"
 ) -> subprocess.Popen[bytes]:
     command = [
         sys.executable, "-m", "telechat2.cli", "serve", "--config", str(config),
         "--load_checkpoint", str(checkpoint), "--vocab_file", str(vocab), "--host", "127.0.0.1",
         "--port", str(port), "--max-seq-len", str(MAX_SEQ_LEN), "--max-input-token-len", "96",
-        "--max-queue", "256", "--max-batch-size", str(max_batch), "--warm-up", "--log-level", "warning",
+        "--max-queue", "256", "--max-batch-size", str(max_batch), "--warm-up", "--log-level", log_level,
     ]  # fmt: skip
     with log.open("wb") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -136,7 +136,9 @@ def bench_model(args: argparse.Namespace, key: str, workdir: Path, vocab: Path, 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server_log = workdir / f"serve-{key}.log"
-    server = start_server(config_file, checkpoint, vocab, port, server_log, args.max_batch_size)
+    server = start_server(
+        config_file, checkpoint, vocab, port, server_log, args.max_batch_size, args.server_log_level
+    )
     ways = ["sequential", *[f"{n} clients" for n in clients]]
     walls: dict[str, list[float]] = {way: [] for way in ways}
     latencies: dict[str, list[list[float]]] = {way: [] for way in ways}
@@ -195,12 +197,16 @@ def main() -> int:
     parser.add_argument("--models", default="tiny,wider,large")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument(
+        "--server-log-level", default="warning", help="debug: the server log (in the work dir printed) traces each step"
+    )
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
 
     from telechat2.tokenizer import train_tiny_tokenizer
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    print(f"work dir (server logs): {workdir}", file=sys.stderr)
     vocab = train_tiny_tokenizer(workdir / "tokenizer.model")
     loads = [os.getloadavg()[0]]
     results = {}

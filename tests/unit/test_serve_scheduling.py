@@ -276,32 +276,75 @@ class CountingBatch:
         self.left.pop(seq_id, None)
 
 
-@pytest.mark.parametrize("admit_wait", [0.0, 0.5])
+@pytest.mark.parametrize(
+    ("admit_wait", "admit_wait_max", "gap", "requests", "joined"),
+    [
+        (0.0, 0.05, 0.03, 3, 1),  # no wait: the first request steps alone, the others join at later boundaries
+        (0.5, 0.05, 0.03, 3, 3),  # a wait longer than the burst: all join the first step (one prefill)
+        (0.1, 2.0, 0.04, 6, 6),  # each arrival extends the wait: a burst longer than admit_wait still shares it
+        (0.2, 0.3, 0.12, 5, 3),  # but not past admit_wait_max after the first request (0, 0.12, 0.24 < 0.3)
+    ],
+)
 def test_an_idle_batch_waits_briefly_so_a_burst_shares_its_first_step(
-    tiny_tokenizer: TeleChat2Tokenizer, admit_wait: float
+    tiny_tokenizer: TeleChat2Tokenizer,
+    admit_wait: float,
+    admit_wait_max: float,
+    gap: float,
+    requests: int,
+    joined: int,
 ) -> None:
-    """Requests 30 ms apart: with the wait they all join before the first step (one prefill); without it the
-    first request steps alone and the others join at the next boundaries."""
+    """Requests `gap` seconds apart reach an idle batch: how many are added before its first step."""
     log: list[tuple[str, int]] = []
     engine = GatedEngine(tiny_tokenizer)
     engine.open_batch = lambda max_batch: CountingBatch(log)  # type: ignore[attr-defined]
-    scheduler = Scheduler(max_queue=8, max_batch=4, admit_wait=admit_wait)
+    scheduler = Scheduler(max_queue=8, max_batch=8, admit_wait=admit_wait, admit_wait_max=admit_wait_max)
     scheduler.engine = engine
     scheduler.start()
 
     async def burst() -> list[list[int]]:
         jobs = []
-        for index in range(3):
+        for index in range(requests):
             jobs.append(scheduler.submit([5, index], SamplingParams(max_new_tokens=3)))
-            await asyncio.sleep(0.03)
+            await asyncio.sleep(gap)
         return [[token async for token in job.tokens()] for job in jobs]
 
     try:
-        assert asyncio.run(burst()) == [[100] * 3] * 3
+        assert asyncio.run(burst()) == [[100] * 3] * requests
     finally:
         scheduler.stop()
     first_step = log.index(next(entry for entry in log if entry[0] == "step"))
-    assert log[:first_step] == ([("add", 1), ("add", 2), ("add", 3)] if admit_wait else [("add", 1)])
+    assert log[:first_step] == [("add", seq_id) for seq_id in range(1, joined + 1)]
+
+
+def test_a_batch_step_hands_all_its_rows_events_to_the_loop_at_once(tiny_tokenizer: TeleChat2Tokenizer) -> None:
+    """Four requests decoding together: one loop wake-up per step (their tokens and ends together), not one per
+    token; every request still gets its own tokens in order."""
+    log: list[tuple[str, int]] = []
+    engine = GatedEngine(tiny_tokenizer)
+    engine.open_batch = lambda max_batch: CountingBatch(log, tokens=3)  # type: ignore[attr-defined]
+    scheduler = Scheduler(max_queue=8, max_batch=4, admit_wait=0.2)
+    scheduler.engine = engine
+    scheduler.start()
+    handovers: list[int] = []
+
+    async def four() -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        original = loop.call_soon_threadsafe
+
+        def counted(callback, *args):  # type: ignore[no-untyped-def]
+            handovers.append(len(args[0]) if args and isinstance(args[0], list) else 1)
+            return original(callback, *args)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        jobs = [scheduler.submit([5, index], SamplingParams(max_new_tokens=3)) for index in range(4)]
+        return [[token async for token in job.tokens()] for job in jobs]
+
+    try:
+        assert asyncio.run(four()) == [[100] * 3] * 4
+    finally:
+        scheduler.stop()
+    assert [entry for entry in log if entry[0] == "step"] == [("step", 4)] * 3
+    assert handovers == [4, 4, 8]  # 4 tokens a step, the last step's 4 tokens and 4 ends
 
 
 # -- msrun: rank 0 leads, the others follow in lockstep -----------------------------------------------------------

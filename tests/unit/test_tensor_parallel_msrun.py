@@ -152,7 +152,8 @@ LAYOUT_LOG_LINES = {
 def test_serve_under_msrun_answers_like_one_process(
     tmp_path: Path, tiny_tokenizer_file: Path, model_parallel: int
 ) -> None:
-    """Both layouts under real msrun (whose scheduler process also runs the command) give one process's text."""
+    """Both layouts under real msrun (whose scheduler process also runs the command) give one process's text;
+    the tensor-parallel one warms up first (`--warm-up` on every rank)."""
     checkpoint, config = tiny_config_file(tmp_path, model_parallel)
     request = {"inputs": "<_start><_user>hello there<_bot>", "parameters": {"max_new_tokens": 8}}
 
@@ -169,6 +170,7 @@ def test_serve_under_msrun_answers_like_one_process(
         str(VENV_BIN / "telechat2"), "serve", "--config", str(config), "--load_checkpoint", str(checkpoint),
         "--vocab_file", str(tiny_tokenizer_file), "--host", "127.0.0.1", "--port", str(port),
         "--control-port", str(free_port()), "--max-seq-len", "64", "--max-input-token-len", "48",
+        *(["--warm-up"] if model_parallel == 2 else []),  # every rank compiles the same shapes in the same order
     ]  # fmt: skip
     launcher = subprocess.Popen(
         msrun(logs, *serve), env=msrun_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -188,6 +190,9 @@ def test_serve_under_msrun_answers_like_one_process(
             rank_logs = worker_logs(logs, tail=1_000_000)
         assert LAYOUT_LOG_LINES[model_parallel] in rank_logs
         assert "job 1: " in rank_logs and "tokens in lockstep with rank 0" in rank_logs
+        if model_parallel == 2:  # both ranks warmed up (their collectives lined up) before rank 0 reported ready
+            for rank in (0, 1):
+                assert "warm-up: " in (logs / f"worker_{rank}.log").read_text(), f"rank {rank} did not warm up"
     finally:
         stop_msrun(launcher)
 
