@@ -136,9 +136,7 @@ def bench_model(args: argparse.Namespace, key: str, workdir: Path, vocab: Path, 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server_log = workdir / f"serve-{key}.log"
-    server = start_server(
-        config_file, checkpoint, vocab, port, server_log, args.max_batch_size, args.server_log_level
-    )
+    server = start_server(config_file, checkpoint, vocab, port, server_log, args.max_batch_size, args.server_log_level)
     ways = ["sequential", *[f"{n} clients" for n in clients]]
     walls: dict[str, list[float]] = {way: [] for way in ways}
     latencies: dict[str, list[list[float]]] = {way: [] for way in ways}
