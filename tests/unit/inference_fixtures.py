@@ -12,6 +12,7 @@ CRD_DEFAULTS: dict[str, Any] = {
     "replicas": 1,
     "nodesPerReplica": 1,
     "npuMemSize": 8,
+    "warmUp": True,
     "port": 1025,
     "service": {"type": "ClusterIP"},
     "backend": "telechat2",

@@ -216,6 +216,9 @@ def test_inference_chart_without_a_model_is_rejected_naming_it(helm: Path) -> No
         (INFERENCE_CHART, [*MINIMAL_INFERENCE, "--set", "ingress.enable=true"], "enable"),
         (INFERENCE_CHART, ["--set", "model=telechat3", "--set", "checkpoint.path=/x"], "model"),
         (INFERENCE_CHART, [*MINIMAL_INFERENCE, "--set", "devicesPerReplica=3"], "devicesPerReplica"),
+        (INFERENCE_CHART, [*MINIMAL_INFERENCE, "--set", "maxBatchSize=1025"], "/maxBatchSize': maximum"),
+        (INFERENCE_CHART, [*MINIMAL_INFERENCE, "--set", "maxBatchSize=-1"], "/maxBatchSize': minimum"),
+        (INFERENCE_CHART, [*MINIMAL_INFERENCE, "--set-string", "warmUp=yes"], "/warmUp': got string, want boolean"),
     ],
 )
 def test_schema_rejects_bad_values_naming_the_key(helm: Path, chart: Path, args: list[str], named: str) -> None:
@@ -420,6 +423,7 @@ def test_full_values_render_every_field_into_the_crds_schema(helm: Path) -> None
     assert spec["image"] == "registry.example.com/telechat-runtime:0.1.0"
     assert spec["apiKeySecretRef"] == {"name": "telechat-api-key", "key": "token"}
     assert (spec["devicesPerReplica"], spec["maxSeqLen"], spec["seqLength"], spec["port"]) == (4, 16384, 16384, 1025)
+    assert (spec["maxBatchSize"], spec["warmUp"]) == (16, False)
     assert "replicas" not in spec, "with autoscaling the HPA owns spec.replicas"
     hpa = one(docs, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"] == {
@@ -434,6 +438,22 @@ def test_full_values_render_every_field_into_the_crds_schema(helm: Path) -> None
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend == {"name": "tc35b", "port": {"number": 1025}}, "the Ingress points at the operator's Service"
     assert ingress["spec"]["tls"][0]["secretName"] == "telechat-tls"
+
+
+@pytest.mark.parametrize(
+    ("args", "rendered"),
+    [
+        ([], {}),  # maxBatchSize 0 and warmUp true: left out, the server's batch default and the CRD's warmUp apply
+        (["--set", "warmUp=true", "--set", "maxBatchSize=0"], {}),
+        (["--set", "warmUp=false"], {"warmUp": False}),
+        (["--set", "maxBatchSize=32"], {"maxBatchSize": 32}),
+        (["--set", "maxBatchSize=1", "--set", "warmUp=false"], {"maxBatchSize": 1, "warmUp": False}),
+    ],
+)
+def test_batch_size_and_warm_up_render_only_when_set(helm: Path, args: list[str], rendered: dict[str, Any]) -> None:
+    (inference,) = render(helm, INFERENCE_CHART, *MINIMAL_INFERENCE, *args)
+    spec = inference["spec"]
+    assert {key: spec[key] for key in ("maxBatchSize", "warmUp") if key in spec} == rendered
 
 
 def test_every_inference_value_maps_to_a_crd_field() -> None:

@@ -110,6 +110,22 @@ def test_mindie_config_json_from_the_spec() -> None:
     assert ic.PREDICT_CONFIG_KEY in data
 
 
+@pytest.mark.parametrize(("spec", "expected"), [({}, 200), ({"maxBatchSize": 64}, 64), ({"maxBatchSize": 1}, 1)])
+def test_mindie_max_batch_size_is_the_spec_field_or_200(spec: dict[str, Any], expected: int) -> None:
+    config = mindie_config(inference_spec(backend="mindie", **spec), path_checkpoint())
+    assert config["BackendConfig"]["ScheduleConfig"]["maxBatchSize"] == expected
+
+
+def test_mindie_batch_size_change_changes_the_rendered_config_and_warm_up_does_not() -> None:
+    """The config hash is in the pod template: a maxBatchSize change rolls MindIE pods; warmUp is telechat2's."""
+    base = config_map_data(inference_spec(backend="mindie"), path_checkpoint())
+    assert config_map_data(inference_spec(backend="mindie", maxBatchSize=16), path_checkpoint()) != base
+    assert config_map_data(inference_spec(backend="mindie", warmUp=False), path_checkpoint()) == base
+    for warm_up in (True, False):
+        server = container(build_deployment(inference_spec(backend="mindie", warmUp=warm_up), path_checkpoint(), "h"))
+        assert server["command"] == [ic.MINDIE_DAEMON]
+
+
 def test_config_map_has_mindie_json_only_for_mindie() -> None:
     data = config_map_data(inference_spec(), path_checkpoint())
     assert set(data) == {ic.PREDICT_CONFIG_KEY}
@@ -139,7 +155,8 @@ def test_deployment_pod_template() -> None:
     assert server["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert server["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert server["command"][:2] == ["telechat2", "serve"]
-    args = dict(zip(server["command"][2::2], server["command"][3::2], strict=True))
+    assert server["command"][-1] == "--warm-up"  # the CRD's default warmUp: true
+    args = dict(zip(server["command"][2:-1:2], server["command"][3:-1:2], strict=True))
     assert args == {
         "--config": ic.PREDICT_CONFIG_PATH,
         "--load_checkpoint": "/models/telechat2-7b/telechat2_7b.ckpt",
@@ -161,6 +178,46 @@ def test_deployment_pod_template() -> None:
     assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
 
 
+def serve_args(command: list[str]) -> list[str]:
+    """The `telechat2 serve ...` part of a container command (after `telechat2 launch ... --` under msrun)."""
+    start = command.index("--") + 1 if command[:2] == ["telechat2", "launch"] else 0
+    assert command[start : start + 2] == ["telechat2", "serve"]
+    return command[start + 2 :]
+
+
+@pytest.mark.parametrize(
+    ("spec", "batch", "warm_up"),
+    [
+        ({}, None, True),  # the server's default batch (8); warmUp defaults to true in the CRD
+        ({"maxBatchSize": 32}, "32", True),
+        ({"maxBatchSize": 1, "warmUp": False}, "1", False),
+        ({"warmUp": False}, None, False),
+        ({"maxBatchSize": 1024, "devicesPerReplica": 4}, "1024", True),  # under msrun
+    ],
+)
+def test_max_batch_size_and_warm_up_reach_the_serve_command(
+    spec: dict[str, Any], batch: str | None, warm_up: bool
+) -> None:
+    args = serve_args(container(build_deployment(inference_spec(**spec), path_checkpoint(), "h"))["command"])
+    if batch is None:
+        assert "--max-batch-size" not in args
+    else:
+        assert args[args.index("--max-batch-size") + 1] == batch
+    assert ("--warm-up" in args) is warm_up
+    assert args.count("--warm-up") <= 1
+
+
+def test_group_pods_serve_with_the_batch_size_and_warm_up_on_every_rank() -> None:
+    """Every rank runs the same serve command: warm-up compiles on all of them in the same order."""
+    spec = inference_spec(devicesPerReplica=8, nodesPerReplica=2, maxBatchSize=16)
+    for rank in (0, 1):
+        args = serve_args(build_group_pod(spec, path_checkpoint(), 0, rank, "h")["spec"]["containers"][0]["command"])
+        assert args[args.index("--max-batch-size") + 1] == "16" and "--warm-up" in args
+    cold = inference_spec(devicesPerReplica=8, nodesPerReplica=2, warmUp=False)
+    args = serve_args(build_group_pod(cold, path_checkpoint(), 0, 0, "h")["spec"]["containers"][0]["command"])
+    assert "--warm-up" not in args and "--max-batch-size" not in args
+
+
 def test_multi_device_replica_runs_under_msrun_on_its_own_node() -> None:
     server = container(build_deployment(inference_spec(devicesPerReplica=4), path_checkpoint(), "h"))
     command = server["command"]
@@ -180,6 +237,8 @@ def test_spec_change_changes_the_template_and_the_hash_but_not_the_selector() ->
         build_deployment(inference_spec(image="registry.local/telechat2-runtime:0.2.0"), path_checkpoint(), "h1"),
         build_deployment(inference_spec(), path_checkpoint(), "h2"),  # the rendered config changed
         build_deployment(inference_spec(maxInputTokenLen=4096), path_checkpoint(), "h1"),
+        build_deployment(inference_spec(maxBatchSize=16), path_checkpoint(), "h1"),
+        build_deployment(inference_spec(warmUp=False), path_checkpoint(), "h1"),
     ):
         assert changed["spec"]["template"] != base["spec"]["template"]
         assert changed["metadata"]["annotations"] != base["metadata"]["annotations"]

@@ -74,6 +74,18 @@ def test_enums_and_defaults_match_the_operator() -> None:
     assert props["service"]["properties"]["type"]["enum"] == ["ClusterIP", "NodePort", "LoadBalancer"]
 
 
+def test_batch_size_and_warm_up_fields() -> None:
+    props = spec_props()
+    batch = props["maxBatchSize"]
+    assert (batch["type"], batch["format"]) == ("integer", "int32")
+    assert (batch["minimum"], batch["maximum"]) == (1, ic.MAX_BATCH_SIZE)
+    assert "default" not in batch, "unset means the server's own default: no flag"
+    assert "8" in batch["description"] and str(ic.MINDIE_MAX_BATCH_SIZE) in batch["description"]
+    warm_up = props["warmUp"]
+    assert (warm_up["type"], warm_up["default"]) == ("boolean", True)
+    assert "mindie" in warm_up["description"]
+
+
 def test_reserved_names_match_the_operator() -> None:
     props = spec_props()
     (env_rule,) = rules(props["env"])

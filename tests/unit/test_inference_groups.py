@@ -74,6 +74,10 @@ def test_template_hash_is_per_spec_not_per_group() -> None:
         )
         not in hashes
     )
+    # The serve command's batch size and warm-up are in the pods: changing either rolls the groups.
+    for changed in ({"maxBatchSize": 16}, {"warmUp": False}):
+        outdated = inference_spec(replicas=2, devicesPerReplica=8, nodesPerReplica=2, **changed)
+        assert group_template_hash(outdated, path_checkpoint(), "cfg") not in hashes
     # Scaling does not outdate running groups.
     assert group_template_hash(spec(replicas=5), path_checkpoint(), "cfg") in hashes
 

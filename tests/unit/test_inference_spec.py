@@ -66,6 +66,16 @@ def test_explicit_values_win() -> None:
     assert spec.node_selector == {"accelerator-type": "module-910b-8"}
 
 
+def test_batch_size_and_warm_up() -> None:
+    spec = inference_spec()
+    assert spec.max_batch_size is None, "unset: no flag, the server's own default applies"
+    assert spec.warm_up is True
+    spec = inference_spec(maxBatchSize=1024, warmUp=False)
+    assert (spec.max_batch_size, spec.warm_up) == (1024, False)
+    # Without warmUp in the body the parser falls back to what the CRD defaults it to.
+    assert inference_spec(warmUp=None).warm_up is True
+
+
 @pytest.mark.parametrize(
     ("path", "vocab"),
     [
@@ -104,6 +114,12 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("unknown service type", {"service": {"type": "ExternalName"}}, "spec.service.type"),
     ("unknown backend", {"backend": "vllm"}, "spec.backend"),
     ("unknown model", {"model": "telechat2-1t"}, "spec.model"),
+    ("zero batch size", {"maxBatchSize": 0}, "spec.maxBatchSize"),
+    ("batch size past the maximum", {"maxBatchSize": 1025}, "spec.maxBatchSize"),
+    ("batch size not an integer", {"maxBatchSize": "8"}, "spec.maxBatchSize"),
+    ("batch size a boolean", {"maxBatchSize": True}, "spec.maxBatchSize"),
+    ("warm-up a string", {"warmUp": "true"}, "spec.warmUp"),
+    ("warm-up a number", {"warmUp": 1}, "spec.warmUp"),
 ]
 
 

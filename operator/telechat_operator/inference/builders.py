@@ -174,7 +174,7 @@ def mindie_config(spec: InferenceSpec, checkpoint: ResolvedCheckpoint) -> dict[s
                 "prefillPolicyType": 0,
                 "decodeTimeMsPerReq": 50,
                 "decodePolicyType": 0,
-                "maxBatchSize": 200,
+                "maxBatchSize": spec.max_batch_size or ic.MINDIE_MAX_BATCH_SIZE,
                 "maxIterTimes": max_output,
                 "maxPreemptCount": 0,
                 "supportSelectBatch": False,
@@ -217,7 +217,7 @@ def serve_command(spec: InferenceSpec, checkpoint: ResolvedCheckpoint) -> list[s
     """`telechat2 serve` with the spec's limits (or MindIE's daemon, which reads the rendered config.json)."""
     if spec.backend == BACKEND_MINDIE:
         return [ic.MINDIE_DAEMON]
-    return [
+    command = [
         "telechat2",
         "serve",
         "--config",
@@ -235,6 +235,11 @@ def serve_command(spec: InferenceSpec, checkpoint: ResolvedCheckpoint) -> list[s
         "--model-name",
         spec.model,
     ]
+    if spec.max_batch_size is not None:  # unset: the server's own default
+        command += ["--max-batch-size", str(spec.max_batch_size)]
+    if spec.warm_up:  # delays only Ready: the startup and liveness probes use /v2/health/live, which answers meanwhile
+        command.append("--warm-up")
+    return command
 
 
 def replica_launch(spec: InferenceSpec, *, node_rank: int, master_addr: str) -> Launch:

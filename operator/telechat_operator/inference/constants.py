@@ -70,6 +70,10 @@ GROUP_LOG_DIR = "/tmp/msrun_log"
 DEFAULT_INPUT_FRACTION = 0.75
 # Paged-attention KV cache: block size (the seed's advice: keep 16) and a floor on the block count.
 KV_BLOCK_SIZE = 16
+# spec.maxBatchSize: requests decoded together per replica (the CRD's maximum says the same). Left out, `telechat2
+# serve` keeps its own default (8) and MindIE's config.json keeps MINDIE_MAX_BATCH_SIZE.
+MAX_BATCH_SIZE = 1024
+MINDIE_MAX_BATCH_SIZE = 200
 
 # --- Environment ---------------------------------------------------------------------------------------------
 ENV_API_KEY = "TELECHAT_API_KEY"

@@ -70,6 +70,8 @@ class InferenceSpec:
     max_seq_len: int
     max_input_token_len: int
     npu_mem_size: int
+    max_batch_size: int | None  # None: the server's default (telechat2 serve 8, MindIE MINDIE_MAX_BATCH_SIZE)
+    warm_up: bool  # telechat2 serve --warm-up (compile every batch shape before reporting ready)
     seq_length: int  # seq_length of the rendered predict config
     trained_seq_length: int  # the model's trained length; seq_length past it turns on dynamic NTK
     port: int
@@ -192,6 +194,13 @@ def parse_inference(body: Mapping[str, Any], lookup: ServingDefaultsLookup = loa
     if max_input >= max_seq_len:
         raise SpecError("spec.maxInputTokenLen", f"{max_input} must be less than spec.maxSeqLen ({max_seq_len})")
 
+    max_batch_size = optional_int(spec.get("maxBatchSize"), "spec.maxBatchSize", minimum=1)
+    if max_batch_size is not None and max_batch_size > ic.MAX_BATCH_SIZE:
+        raise SpecError("spec.maxBatchSize", f"must be at most {ic.MAX_BATCH_SIZE}, got {max_batch_size}")
+    warm_up = spec.get("warmUp", True)
+    if not isinstance(warm_up, bool):
+        raise SpecError("spec.warmUp", f"must be a boolean, got {warm_up!r}")
+
     backend = spec.get("backend", BACKEND_TELECHAT2)
     if backend not in (BACKEND_TELECHAT2, BACKEND_MINDIE):
         raise SpecError("spec.backend", f"must be {BACKEND_TELECHAT2} or {BACKEND_MINDIE}, got {backend!r}")
@@ -228,6 +237,8 @@ def parse_inference(body: Mapping[str, Any], lookup: ServingDefaultsLookup = loa
         max_seq_len=max_seq_len,
         max_input_token_len=max_input,
         npu_mem_size=require_int(spec.get("npuMemSize", 8), "spec.npuMemSize", minimum=-1),
+        max_batch_size=max_batch_size,
+        warm_up=warm_up,
         seq_length=seq_length,
         trained_seq_length=defaults.seq_length,
         port=port,
