@@ -25,6 +25,7 @@ from mindspore.common.initializer import Normal, One, Zero, initializer
 from telechat2.configuration import TeleChat2Config
 
 _MASKED = -1e9  # additive attention mask value: finite, so a fully masked row stays NaN-free
+_SCORES_MATMUL = ops.BatchMatMul(transpose_b=True)  # queries [..., n, D] x keys [..., L, D] -> scores [..., n, L]
 
 # One layer's cache: key and value before the GQA repeat, each [B, K, T, D].
 LayerCache = tuple[Tensor, Tensor]
@@ -321,7 +322,9 @@ class TeleChat2Attention(nn.Cell):
         # [B, K, D, L]) instead of a copy of the cache n_rep times wider (repeat_kv)
         kv_heads = key_cache.shape[1]
         grouped = q.reshape(batch, kv_heads, self.n_rep, self.head_dim)  # query head h = kv * n_rep + r
-        scores = ops.matmul(grouped, key_cache.swapaxes(-1, -2)).astype(ms.float32) * self.scale  # [B, K, n_rep, L]
+        # [B, K, n_rep, L]; the cache is read transposed in the product, not copied transposed (a copy of the whole
+        # cache per layer was a tenth of a 32-row step on CPU)
+        scores = _SCORES_MATMUL(grouped, key_cache).astype(ms.float32) * self.scale
         scores = scores.reshape(batch, self.num_heads, 1, -1)
         probs = ops.softmax(ops.masked_fill(scores, hidden_keys, _MASKED), axis=-1).astype(value_cache.dtype)
         probs = probs.reshape(batch, kv_heads, self.n_rep, -1)
