@@ -66,10 +66,7 @@ class Job:
         self.cancelled.set()
 
     def _emit(self, kind: str, value: object) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-        except RuntimeError:  # the request's loop is closed (server shutting down): nobody is listening
-            self.cancelled.set()
+        _hand_over(self.loop, [(self, kind, value)])
 
     async def token_batches(self) -> AsyncIterator[list[int]]:
         """Like `tokens`, but every token already waiting comes at once (one hop to a detokenizing thread)."""
@@ -101,9 +98,18 @@ class Job:
 
 
 def _put_all(items: list[tuple[Job, str, object]]) -> None:
-    """On the event loop: one batch step's events for its requests, in order."""
+    """On the event loop: events for its requests (one, or a whole batch step's), in order."""
     for job, kind, value in items:
         job.events.put_nowait((kind, value))
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[Job, str, object]]) -> None:
+    """From the worker thread: the events to their requests' loop, in one wake-up of it."""
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the loop is closed (server shutting down): nobody is listening
+        for job, _, _ in items:
+            job.cancelled.set()
 
 
 class Scheduler:
@@ -214,11 +220,7 @@ class Scheduler:
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox or {}, None
         for loop, items in outbox.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the loop is closed (server shutting down): nobody is listening
-                for job, _, _ in items:
-                    job.cancelled.set()
+            _hand_over(loop, items)
 
     def _finish(self, seq_id: int, reason: str | None, error: BaseException | None = None) -> None:
         job = self._active.pop(seq_id)

@@ -38,18 +38,20 @@ def owner_reference(kind: str, name: str, uid: str) -> dict[str, Any]:
     }
 
 
-def require_int(value: Any, field: str, *, minimum: int | None = None) -> int:
-    """An int (not a bool, which Python counts as one), at least `minimum` when given."""
+def require_int(value: Any, field: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An int (not a bool, which Python counts as one), within `minimum`..`maximum` when given."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(field, f"must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
         raise SpecError(field, f"must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise SpecError(field, f"must be at most {maximum}, got {value}")
     return value
 
 
-def optional_int(value: Any, field: str, *, minimum: int | None = None) -> int | None:
+def optional_int(value: Any, field: str, *, minimum: int | None = None, maximum: int | None = None) -> int | None:
     """None stays None (the field was left out); anything else must pass `require_int`."""
-    return None if value is None else require_int(value, field, minimum=minimum)
+    return None if value is None else require_int(value, field, minimum=minimum, maximum=maximum)
 
 
 def require_str(value: Any, field: str) -> str:

@@ -420,9 +420,7 @@ def parse(
     model = require_str(spec.get("model"), "spec.model")
     defaults = lookup(model)
 
-    nodes = require_int(spec.get("nodes", defaults.nodes), "spec.nodes", minimum=1)
-    if nodes > c.MAX_NODES:
-        raise SpecError("spec.nodes", f"must be at most {c.MAX_NODES}, got {nodes}")
+    nodes = require_int(spec.get("nodes", defaults.nodes), "spec.nodes", minimum=1, maximum=c.MAX_NODES)
     devices = require_int(spec.get("devicesPerNode", defaults.devices_per_node), "spec.devicesPerNode")
     if devices not in c.ALLOWED_DEVICES_PER_NODE:
         raise SpecError("spec.devicesPerNode", f"must be one of {list(c.ALLOWED_DEVICES_PER_NODE)}, got {devices}")

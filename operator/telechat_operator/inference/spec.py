@@ -194,9 +194,7 @@ def parse_inference(body: Mapping[str, Any], lookup: ServingDefaultsLookup = loa
     if max_input >= max_seq_len:
         raise SpecError("spec.maxInputTokenLen", f"{max_input} must be less than spec.maxSeqLen ({max_seq_len})")
 
-    max_batch_size = optional_int(spec.get("maxBatchSize"), "spec.maxBatchSize", minimum=1)
-    if max_batch_size is not None and max_batch_size > ic.MAX_BATCH_SIZE:
-        raise SpecError("spec.maxBatchSize", f"must be at most {ic.MAX_BATCH_SIZE}, got {max_batch_size}")
+    max_batch_size = optional_int(spec.get("maxBatchSize"), "spec.maxBatchSize", minimum=1, maximum=ic.MAX_BATCH_SIZE)
     warm_up = spec.get("warmUp", True)
     if not isinstance(warm_up, bool):
         raise SpecError("spec.warmUp", f"must be a boolean, got {warm_up!r}")
