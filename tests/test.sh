@@ -10,5 +10,6 @@ ensure_venv
 .venv/bin/python -m tests.cluster build --real
 status=0
 .venv/bin/ruff check . || status=$?
+.venv/bin/ruff format --check . || status=$?
 .venv/bin/python -m pytest tests "$@" || status=$?
 exit "$status"

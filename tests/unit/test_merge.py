@@ -384,6 +384,8 @@ def test_malformed_manifest_is_named(tmp_path):
     (tmp_path / "src" / "rank_0" / "a.ckpt.sha256").write_text("not a digest\n")
     with pytest.raises(CheckpointError, match=r"checksum manifest .*a.ckpt.sha256 is malformed"):
         merge(tmp_path / "src", tmp_path / "dst", "x")
+
+
 def test_merge_copies_the_tokenizer_where_serving_looks_for_it(tmp_path, capsys):
     """`telechat2 merge --vocab_file` puts tokenizer.model beside the merged checkpoint (the default vocabFile of a
     TeleChatInference served from the finetune); a missing one is reported and the merge still succeeds."""

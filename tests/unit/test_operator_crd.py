@@ -127,6 +127,8 @@ def test_the_status_schema_keeps_every_field_the_state_machine_writes(schema: di
         assert field in progress, field
     assert set(progress["checkpoint"]["properties"]) == {"step", "ranks", "newer"}
     assert status["podSpecHashes"]["additionalProperties"] == {"type": "string"}
+
+
 def test_generated_blocks_are_current_with_the_configs() -> None:
     """The CEL layout rules and the resources description come from telechat2/configs (crd_rules.py)."""
     from telechat_operator import crd_rules

@@ -467,6 +467,8 @@ def test_progress_from_rank_0_lands_in_the_status_and_is_kept_without_a_new_docu
     assert progress["checkpoint"] == {"step": 4, "ranks": 2, "newer": {"step": 8, "ranks": 1}}
     kept = reconcile(make_spec(), plan.status, [worker(0), worker(1)], NOW, BACKOFF, progress=None)
     assert kept.status["progress"] == progress
+
+
 INIT = {
     "dataset": {"path": "/d/train.mindrecord", "jsonl": "/d/train.jsonl", "tokenizer": "/d/tokenizer.model"},
     "checkpoint": {"huggingface": "/models/hf"},

@@ -30,8 +30,11 @@ def test_records_are_replaced_atomically_and_junk_is_skipped(tmp_path: Path) -> 
     (tmp_path / "progress" / "rank_8.json").write_text('["not", "a", "record"]')
     assert read_records(tmp_path) == [{"rank": 0, "step": 4}, {"rank": 1, "step": 3}]
     assert sorted(p.name for p in (tmp_path / "progress").iterdir()) == [
-        "rank_0.json", "rank_1.json", "rank_7.json", "rank_8.json",
-    ]  # fmt: skip  (no temporary file left behind)
+        "rank_0.json",
+        "rank_1.json",
+        "rank_7.json",
+        "rank_8.json",
+    ]  # no temporary file left behind
     assert record_path(tmp_path, 0).read_text() == '{"rank":0,"step":4}'
     with pytest.raises(ValueError):  # JSON has no NaN: a bad record never replaces a good one
         write_record(tmp_path, 0, {"rank": 0, "loss": float("nan")})
